@@ -1,0 +1,240 @@
+"""The autoregressive behavior model mu(a|s) of EMaQ (Ghasemipour, Schuurmans & Gu, 2021).
+
+Paper, Appendix B: a state MLP embeds s into h; for every action dimension i, MLP_i reads
+[h, a[:i]] and outputs logits over `num_bins` equal-width bins of [low_i, high_i]. Appendix G.3
+replaces the raw prefix a[:i] by a linear map Lin_i(a[:i]); both are offered (`prefix_dim`).
+
+This file holds the model and nothing else: no data, no environment code. Both training scripts
+import it. Speed comes from three choices (DESIGN.md, "cost notes"):
+  * all D per-dimension heads are stored as stacked weights [D, in, out], so teacher-forced training
+    runs every head in one batched matmul per layer (one backward pass for all dimensions);
+  * the state is embedded once per state, and its contribution to every head's first layer is
+    computed once per state, never once per sample;
+  * the first dimension depends on the state alone, so its logits are computed for B states and
+    only the later dimensions run on B*N samples.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The paper's two architectures. MuJoCo: Appendix G ("2 hidden layers of dimension 750 ... linear
+# embedding into a 750 dimensional state representation ... 3 hidden layers of dimension 256 ...
+# 40 equally sized bins"), with the raw prefix of Appendix B. Table 3 (kitchen, antmaze, adroit):
+# (256, 4, 128, 1, 128, 80) = (state hidden, state layers, head hidden, head layers, Lin_i size,
+# bins), embedding size = state hidden size (Appendix G.3).
+PRESETS = {
+    "mujoco": dict(state_hidden=750, state_layers=2, embed_dim=750, head_hidden=256, head_layers=3, prefix_dim=0, num_bins=40),
+    "table3": dict(state_hidden=256, state_layers=4, embed_dim=256, head_hidden=128, head_layers=1, prefix_dim=128, num_bins=80),
+}
+
+
+def action_bounds(action_space) -> tuple[list[float], list[float]]:
+    """(low, high) of a bounded 1-D Box action space; a clear ValueError for anything else."""
+    supported = "EMaQ's behavior model supports a continuous gymnasium.spaces.Box action space of shape (act_dim,) with finite low and high"
+    name = type(action_space).__name__
+    if name != "Box" or not hasattr(action_space, "low"):
+        raise ValueError(f"unsupported action space {action_space!r} ({name}): {supported}.")
+    low, high = torch.as_tensor(action_space.low, dtype=torch.float64), torch.as_tensor(action_space.high, dtype=torch.float64)
+    if low.ndim != 1:
+        raise ValueError(f"unsupported action space {action_space!r}: shape {tuple(low.shape)} is not 1-D; {supported}.")
+    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+        raise ValueError(f"unsupported action space {action_space!r}: its bounds are infinite; {supported}.")
+    return low.tolist(), high.tolist()
+
+
+def _stacked_uniform(*shape: int, fan_in: int) -> nn.Parameter:
+    """nn.Linear's default initialization, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for stacked weights."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+
+class BehaviorModel(nn.Module):
+    """mu(a|s) = prod_i p(l_i | s, a[:i]) / width_i, a discretized autoregressive density (App. B)."""
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_low: Sequence[float],
+        action_high: Sequence[float],
+        state_hidden: int = 750,
+        state_layers: int = 2,
+        embed_dim: int = 750,
+        head_hidden: int = 256,
+        head_layers: int = 3,
+        prefix_dim: int = 0,
+        num_bins: int = 40,
+    ):
+        """prefix_dim=0 feeds the raw prefix a[:i] (App. B); prefix_dim>0 feeds Lin_i(a[:i]) of that size (App. G.3)."""
+        super().__init__()
+        low = torch.as_tensor(action_low, dtype=torch.float32).flatten()
+        high = torch.as_tensor(action_high, dtype=torch.float32).flatten()
+        if low.shape != high.shape or low.numel() == 0:
+            raise ValueError(f"action_low {tuple(low.shape)} and action_high {tuple(high.shape)} must be non-empty and of the same shape")
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+            raise ValueError("action bounds must be finite: EMaQ's behavior model discretizes a bounded Box action space")
+        if not (high > low).all():
+            raise ValueError(f"every action_high must exceed action_low; got low={low.tolist()} high={high.tolist()}")
+        if min(obs_dim, state_hidden, embed_dim, head_hidden, head_layers, num_bins) < 1 or state_layers < 0 or prefix_dim < 0:
+            raise ValueError("obs_dim, sizes, head_layers and num_bins must be >= 1; state_layers and prefix_dim >= 0")
+        act_dim = low.numel()
+        self.config = dict(
+            obs_dim=int(obs_dim), action_low=low.tolist(), action_high=high.tolist(), state_hidden=state_hidden,
+            state_layers=state_layers, embed_dim=embed_dim, head_hidden=head_hidden, head_layers=head_layers,
+            prefix_dim=prefix_dim, num_bins=num_bins,
+        )
+        self.obs_dim, self.act_dim, self.num_bins = int(obs_dim), act_dim, num_bins
+        self.register_buffer("low", low)
+        self.register_buffer("high", high)
+        self.register_buffer("bin_width", (high - low) / num_bins)
+
+        # State MLP: `state_layers` hidden ReLU layers, then a linear embedding h (App. G).
+        layers, width = [], obs_dim
+        for _ in range(state_layers):
+            layers += [nn.Linear(width, state_hidden), nn.ReLU()]
+            width = state_hidden
+        self.state_mlp = nn.Sequential(*layers, nn.Linear(width, embed_dim))
+
+        # Head i reads [h, prefix_i]. Its first layer splits into a state part, computed once per state
+        # for all heads at once, and a prefix part. A strictly lower-triangular mask (MADE) keeps head i
+        # blind to a[i:].
+        d, hid = act_dim, head_hidden
+        prefix_width = prefix_dim or act_dim
+        self.register_buffer("prefix_mask", torch.ones(d, act_dim).tril(-1).unsqueeze(-1))  # [D, A, 1]: j < i
+        self.head_state = nn.Linear(embed_dim, d * hid)
+        if prefix_dim:  # Lin_i(a[:i]) = a[:i] W_i + b_i   (App. G.3)
+            self.lin_weight = _stacked_uniform(d, act_dim, prefix_dim, fan_in=max(act_dim, 1))
+            self.lin_bias = _stacked_uniform(d, 1, prefix_dim, fan_in=max(act_dim, 1))
+        self.head_prefix = _stacked_uniform(d, prefix_width, hid, fan_in=embed_dim + prefix_width)
+        self.head_hidden_w = nn.ParameterList([_stacked_uniform(d, hid, hid, fan_in=hid) for _ in range(head_layers - 1)])
+        self.head_hidden_b = nn.ParameterList([_stacked_uniform(d, 1, hid, fan_in=hid) for _ in range(head_layers - 1)])
+        self.head_out_w = _stacked_uniform(d, hid, num_bins, fan_in=hid)
+        self.head_out_b = _stacked_uniform(d, 1, num_bins, fan_in=hid)
+
+    @classmethod
+    def from_preset(cls, preset: str, obs_dim: int, action_low, action_high, **overrides) -> "BehaviorModel":
+        """Build with the paper's sizes: preset 'mujoco' (Table 2) or 'table3' (kitchen/antmaze/adroit)."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown behavior-model preset {preset!r}; choose one of {sorted(PRESETS)}")
+        return cls(obs_dim, action_low, action_high, **{**PRESETS[preset], **overrides})
+
+    # ----- pieces shared by training, density and sampling ---------------------------------------
+    def _masked_prefix(self, actions: torch.Tensor) -> torch.Tensor:
+        """Prefix features of every head from full actions [..., A] -> [..., D, P] (teacher forcing)."""
+        if self.config["prefix_dim"]:
+            return torch.einsum("...a,dap->...dp", actions, self.lin_weight * self.prefix_mask) + self.lin_bias.squeeze(1)
+        return actions.unsqueeze(-2) * self.prefix_mask.squeeze(-1)  # head i sees a[:i] and zeros after
+
+    def _head_tail(self, x: torch.Tensor, dims) -> torch.Tensor:
+        """Hidden layers after the first and the output layer of the heads `dims` (a slice or an int).
+
+        x: [D', M, H] for a slice of heads (batched matmul), or [M, H] for one head."""
+        for w, b in zip(self.head_hidden_w, self.head_hidden_b):
+            x = torch.relu(torch.baddbmm(b[dims], x, w[dims]) if x.ndim == 3 else torch.addmm(b[dims], x, w[dims]))
+        w, b = self.head_out_w[dims], self.head_out_b[dims]
+        return torch.baddbmm(b, x, w) if x.ndim == 3 else torch.addmm(b, x, w)
+
+    def logits(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits of every dimension, [B, D, num_bins] (eq. 62), all heads batched."""
+        batch, d, hid = obs.shape[0], self.act_dim, self.config["head_hidden"]
+        state_part = self.head_state(self.state_mlp(obs)).view(batch, d, hid)
+        prefix = self._masked_prefix(actions)  # [B, D, P]
+        prefix_part = torch.bmm(prefix.transpose(0, 1), self.head_prefix)  # [D, B, H]
+        x = torch.relu(state_part.transpose(0, 1) + prefix_part)
+        return self._head_tail(x, slice(None)).transpose(0, 1)
+
+    def labels(self, actions: torch.Tensor) -> torch.Tensor:
+        """Bin index of every coordinate; a == high falls in the last bin, out-of-range values are clamped."""
+        idx = torch.floor((actions - self.low) / self.bin_width).long()
+        return idx.clamp_(0, self.num_bins - 1)
+
+    # ----- public surface ------------------------------------------------------------------------
+    def loss(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of -log p(labels | s): cross-entropy with teacher forcing, summed over dimensions."""
+        logits = self.logits(obs, actions)
+        return F.cross_entropy(logits.flatten(0, 1).float(), self.labels(actions).flatten(), reduction="sum") / obs.shape[0]
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Continuous log-density log mu(a|s), [B]: bin log-probabilities minus log bin widths."""
+        log_p = torch.log_softmax(self.logits(obs, actions).float(), dim=-1)
+        bin_log_p = log_p.gather(-1, self.labels(actions).unsqueeze(-1)).squeeze(-1).sum(-1)
+        return bin_log_p - torch.log(self.bin_width).sum()
+
+    def sample(
+        self, obs: torch.Tensor, num_samples: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """N actions per state, [B, N, A] (eqs. 63-66). Logits are divided by `temperature`; 0 takes the most likely bin."""
+        batch, n, d = obs.shape[0], num_samples, self.act_dim
+        hid, prefix_dim = self.config["head_hidden"], self.config["prefix_dim"]
+        state_part = self.head_state(self.state_mlp(obs)).view(batch, 1, d, hid)  # once per state
+        actions = obs.new_zeros(batch, n, d)
+        # One uniform per coordinate for the label (inverse CDF) and one for the point inside the bin.
+        u_label = torch.rand(2, batch, n, d, device=obs.device, dtype=actions.dtype, generator=generator)
+        for i in range(d):
+            if i == 0:  # p(l_0 | s) does not depend on any sample: compute it for B states, not B*N
+                x = state_part[:, :, 0]
+                if prefix_dim:
+                    x = x + self.lin_bias[0] @ self.head_prefix[0]
+            elif prefix_dim:
+                lin = torch.addmm(self.lin_bias[i], actions[..., :i].reshape(-1, i), self.lin_weight[i, :i])
+                x = state_part[:, :, i] + (lin @ self.head_prefix[i]).view(batch, n, hid)
+            else:
+                x = state_part[:, :, i] + actions[..., :i] @ self.head_prefix[i, :i]
+            x = torch.relu(x)
+            logits = self._head_tail(x.reshape(-1, hid), i).float().view(batch, x.shape[1], self.num_bins)
+            if temperature > 0:
+                cdf = torch.softmax(logits / temperature, dim=-1).cumsum_(-1).expand(batch, n, -1).contiguous()
+                label = torch.searchsorted(cdf, u_label[0, :, :, i : i + 1] * cdf[..., -1:], right=True).squeeze(-1)
+                label = label.clamp_(max=self.num_bins - 1)
+            else:
+                label = logits.argmax(-1).expand(batch, n)
+            # A point uniform inside the chosen bin (eq. 64 and 66).
+            actions[..., i] = self.low[i] + (label.to(actions.dtype) + u_label[1, :, :, i]) * self.bin_width[i]
+        return torch.minimum(torch.maximum(actions, self.low), self.high)
+
+    def clip_to_bounds(self, actions: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Clip data actions to [low, high]; returns the clipped tensor and how many coordinates were outside."""
+        outside = int(((actions < self.low) | (actions > self.high)).sum())
+        return torch.minimum(torch.maximum(actions, self.low), self.high), outside
+
+    # ----- saving and loading --------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write weights and constructor configuration to one file, atomically (temporary file + rename)."""
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_mu_")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save({"format": "emaq-behavior-model-v1", "config": self.config, "state_dict": self.state_dict()}, f)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str, obs_dim: Optional[int] = None, act_dim: Optional[int] = None, map_location="cpu") -> "BehaviorModel":
+        """Rebuild a saved model; pass obs_dim/act_dim to refuse a model made for other shapes."""
+        try:
+            blob = torch.load(path, map_location=map_location, weights_only=True)
+            config, state = blob["config"], blob["state_dict"]
+        except FileNotFoundError:
+            raise ValueError(f"no behavior model at {path}: pass the mu.pt file that an earlier run saved") from None
+        except Exception as e:  # truncated, tampered or foreign file
+            raise ValueError(f"{path} is not a readable behavior-model file ({type(e).__name__}); retrain mu or pass another file") from None
+        saved_act = len(config["action_low"])
+        if (obs_dim is not None and obs_dim != config["obs_dim"]) or (act_dim is not None and act_dim != saved_act):
+            raise ValueError(
+                f"behavior model {path} was trained for observations of dim {config['obs_dim']} and actions of dim {saved_act}, "
+                f"but this data has observation dim {obs_dim} and action dim {act_dim}: pass a mu trained on this dataset, or drop the path to pretrain one"
+            )
+        model = cls(**config)
+        model.load_state_dict(state)
+        return model

@@ -1,0 +1,262 @@
+"""The behavior model's specification: fidelity, support, dependence, temperature, bounds, density, I/O."""
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from behavior_model import PRESETS, BehaviorModel, action_bounds
+
+SMALL = dict(state_hidden=64, state_layers=2, embed_dim=64, head_hidden=64, head_layers=2, num_bins=40)
+
+
+def train(model, draw, steps=2000, batch=512, lr=2e-3):
+    """Maximum likelihood with a linearly decaying learning rate (less minibatch noise at the end)."""
+    opt = torch.optim.Adam(model.parameters(), lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)
+    for _ in range(steps):
+        obs, act = draw(batch)
+        loss = model.loss(obs, act)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model
+
+
+# Three contexts (one-hot states); each of two action dimensions has three narrow modes whose weights depend
+# on the context. Mode edges sit on bin edges of 40 bins over [-1, 1], so "no data" regions are whole bins.
+MODES = torch.tensor([[-0.70, -0.60], [0.00, 0.10], [0.60, 0.70]])
+WEIGHTS = torch.tensor([  # [context, dim, mode]
+    [[0.70, 0.20, 0.10], [0.10, 0.10, 0.80]],
+    [[0.10, 0.30, 0.60], [0.50, 0.40, 0.10]],
+    [[0.34, 0.33, 0.33], [0.20, 0.60, 0.20]],
+])
+
+
+def draw_multimodal(n, gen=None):
+    ctx = torch.randint(0, 3, (n,), generator=gen)
+    obs = F.one_hot(ctx, 3).float() + 0.05 * torch.randn(n, 3, generator=gen)
+    cols = []
+    for dim in range(2):
+        mode = torch.multinomial(WEIGHTS[ctx, dim], 1, generator=gen).squeeze(1)
+        lo, hi = MODES[mode, 0], MODES[mode, 1]
+        cols.append(lo + (hi - lo) * torch.rand(n, generator=gen))
+    return obs, torch.stack(cols, 1)
+
+
+def mode_of(actions):
+    """Index of the mode every coordinate falls in, -1 where the data has no mass."""
+    which = torch.full(actions.shape, -1)
+    for k, (lo, hi) in enumerate(MODES):
+        which[(actions >= lo) & (actions <= hi)] = k
+    return which
+
+
+@pytest.fixture(scope="module")
+def multimodal_model():
+    torch.manual_seed(0)
+    return train(BehaviorModel(3, [-1, -1], [1, 1], **SMALL), draw_multimodal)
+
+
+def test_fidelity_mode_weights_and_support(multimodal_model):
+    torch.manual_seed(1)
+    for ctx in range(3):
+        obs = F.one_hot(torch.tensor([ctx]), 3).float()
+        with torch.no_grad():
+            samples = multimodal_model.sample(obs, 10_000)[0]
+        which = mode_of(samples)
+        assert (which == -1).float().mean() < 0.01, "samples fall where the data has no mass"
+        for dim in range(2):
+            sampled = torch.stack([(which[:, dim] == k).float().mean() for k in range(3)])
+            err = (sampled - WEIGHTS[ctx, dim]).abs().max().item()
+            assert err < 0.05, f"context {ctx} dim {dim}: mode weights {sampled.tolist()} vs {WEIGHTS[ctx, dim].tolist()}"
+
+
+def test_fidelity_check_fails_for_a_model_that_ignores_the_state():
+    """The fidelity assertions can fail: an untrained model spreads mass everywhere."""
+    torch.manual_seed(0)
+    model = BehaviorModel(3, [-1, -1], [1, 1], **SMALL)
+    with torch.no_grad():
+        samples = model.sample(torch.eye(3)[:1], 10_000)[0]
+    assert (mode_of(samples) == -1).float().mean() > 0.5
+
+
+def draw_dependent(n, gen=None):
+    """a1 in two narrow modes; a2 copies a1; sign(a3) = sign(a1) XOR sign(a2') with a2' an independent coin."""
+    obs = torch.randn(n, 2, generator=gen)
+    s1 = torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+    s2 = torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+    a1 = s1 * (0.5 + 0.05 * torch.rand(n, generator=gen))
+    a2 = a1 + 0.02 * torch.rand(n, generator=gen)
+    a3 = s2 * (0.5 + 0.05 * torch.rand(n, generator=gen))
+    a4 = -(s1 * s2) * (0.5 + 0.05 * torch.rand(n, generator=gen))  # XOR of the signs of a1 and a3
+    return obs, torch.stack([a1, a2, a3, a4], 1)
+
+
+def dependence_scores(model):
+    with torch.no_grad():
+        a = model.sample(torch.randn(200, 2), 50).reshape(-1, 4)
+    copy = (torch.sign(a[:, 0]) == torch.sign(a[:, 1])).float().mean().item()
+    xor = (torch.sign(a[:, 3]) == -torch.sign(a[:, 0]) * torch.sign(a[:, 2])).float().mean().item()
+    return copy, xor
+
+
+def test_captures_dependence_that_a_factorized_model_cannot():
+    torch.manual_seed(0)
+    model = train(BehaviorModel(2, [-1] * 4, [1] * 4, **SMALL), draw_dependent, steps=1200)
+    copy, xor = dependence_scores(model)
+    assert copy > 0.97 and xor > 0.97, (copy, xor)
+    # The same model with its autoregressive inputs cut (a factorized model) cannot get there.
+    torch.manual_seed(0)
+    factorized = BehaviorModel(2, [-1] * 4, [1] * 4, **SMALL)
+    factorized.prefix_mask.zero_()
+    copy_f, xor_f = dependence_scores(train(factorized, draw_dependent, steps=1200))
+    assert copy_f < 0.7 and xor_f < 0.7, (copy_f, xor_f)
+
+
+def label_entropy(model, obs, temperature):
+    with torch.no_grad():
+        labels = model.labels(model.sample(obs, 20_000, temperature=temperature)[0])
+    entropies = []
+    for dim in range(labels.shape[1]):
+        p = torch.bincount(labels[:, dim], minlength=model.num_bins).float() / labels.shape[0]
+        entropies.append(-(p[p > 0] * p[p > 0].log()).sum().item())
+    return sum(entropies)
+
+
+def test_temperature_smooths_and_sharpens(multimodal_model):
+    torch.manual_seed(0)
+    obs = torch.eye(3)[:1]
+    h1, h5 = label_entropy(multimodal_model, obs, 1.0), label_entropy(multimodal_model, obs, 5.0)
+    assert h5 > h1 + 0.5, (h1, h5)
+    # temperature -> 0 concentrates on the most likely bin of every dimension, given the prefix.
+    with torch.no_grad():
+        cold = multimodal_model.sample(obs, 2000, temperature=1e-3)[0]
+        greedy = multimodal_model.sample(obs, 5, temperature=0.0)[0]
+        top = multimodal_model.logits(obs.expand(2000, 3), cold).argmax(-1)
+    assert (multimodal_model.labels(cold) == top).float().mean() > 0.99
+    assert (multimodal_model.labels(greedy) == multimodal_model.labels(greedy[:1])).all()
+
+
+LOW, HIGH = [-0.4, 0.0, -3.0], [1.2, 2.0, -1.0]
+
+
+def test_samples_respect_asymmetric_non_unit_bounds():
+    torch.manual_seed(0)
+    model = BehaviorModel(4, LOW, HIGH, **SMALL)
+    low, high = torch.tensor(LOW), torch.tensor(HIGH)
+    with torch.no_grad():
+        samples = model.sample(torch.randn(64, 4), 500, temperature=20.0).reshape(-1, 3)
+    assert ((samples >= low) & (samples <= high)).all()
+    span = high - low  # the whole range is reachable, not a [-1, 1] window of it
+    assert (samples.min(0).values < low + 0.05 * span).all() and (samples.max(0).values > high - 0.05 * span).all()
+
+    # Trained on actions near each dimension's upper bound, it samples there.
+    target = torch.tensor([1.1, 1.9, -1.05])
+    draw = lambda n: (torch.randn(n, 4), target + 0.02 * (torch.rand(n, 3) - 0.5))
+    train(model, draw, steps=300)
+    with torch.no_grad():
+        samples = model.sample(torch.randn(16, 4), 100).reshape(-1, 3)
+    assert ((samples >= low) & (samples <= high)).all()
+    assert ((samples - target).abs() < 0.1).float().mean() > 0.95
+
+
+def test_same_seed_same_samples(multimodal_model):
+    obs = torch.eye(3)
+    torch.manual_seed(123)
+    a = multimodal_model.sample(obs, 64)
+    torch.manual_seed(123)
+    b = multimodal_model.sample(obs, 64)
+    torch.manual_seed(124)
+    c = multimodal_model.sample(obs, 64)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(multimodal_model.sample(obs, 64, generator=g1), multimodal_model.sample(obs, 64, generator=g2))
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_density_integrates_to_one_in_1d(trained):
+    torch.manual_seed(0)
+    model = BehaviorModel(2, [-0.4], [1.2], **SMALL)
+    if trained:
+        train(model, lambda n: (torch.randn(n, 2), 0.9 + 0.1 * torch.randn(n, 1).clamp(-2, 2)), steps=200)
+    obs = torch.tensor([[0.3, -0.2]])
+    grid = torch.linspace(-0.4, 1.2, 160_001)[:-1] + 0.8e-5  # midpoints of 160k cells
+    with torch.no_grad():
+        density = model.log_prob(obs.expand(len(grid), 2), grid[:, None]).exp()
+    integral = density.mean().item() * 1.6
+    assert abs(integral - 1.0) < 0.01, integral
+
+
+@pytest.mark.parametrize("prefix_dim", [0, 16])
+def test_sampling_path_agrees_with_teacher_forcing(prefix_dim):
+    """The fast sampler (state embedded once, heads one at a time) computes the same logits as training."""
+    torch.manual_seed(0)
+    model = BehaviorModel(5, LOW, HIGH, **{**SMALL, "prefix_dim": prefix_dim})
+    obs = torch.randn(32, 5)
+    with torch.no_grad():
+        greedy = model.sample(obs, 8, temperature=0.0)  # every label is the argmax given its prefix
+        logits = model.logits(obs.repeat_interleave(8, 0), greedy.reshape(-1, 3))
+    assert torch.equal(model.labels(greedy.reshape(-1, 3)), logits.argmax(-1))
+
+
+def test_save_load_round_trip_and_shape_mismatch(tmp_path, multimodal_model):
+    path = str(tmp_path / "mu.pt")
+    multimodal_model.save(path)
+    loaded = BehaviorModel.load(path, obs_dim=3, act_dim=2)
+    assert loaded.config == multimodal_model.config
+    obs = torch.eye(3)
+    torch.manual_seed(5)
+    a = multimodal_model.sample(obs, 32)
+    torch.manual_seed(5)
+    assert torch.equal(a, loaded.sample(obs, 32))
+    with pytest.raises(ValueError, match=r"observations of dim 3 and actions of dim 2.*observation dim 17 and action dim 6"):
+        BehaviorModel.load(path, obs_dim=17, act_dim=6)
+    with open(path, "rb") as f:
+        head = f.read(200)
+    (tmp_path / "broken.pt").write_bytes(head)
+    with pytest.raises(ValueError, match="not a readable behavior-model file"):
+        BehaviorModel.load(str(tmp_path / "broken.pt"))
+
+
+@pytest.mark.parametrize(
+    "space, words",
+    [
+        (gym.spaces.Discrete(4), "Discrete"),
+        (gym.spaces.Box(-np.inf, np.inf, (3,)), "infinite"),
+        (gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (2,))}), "Dict"),
+    ],
+)
+def test_unsupported_action_spaces_are_named(space, words):
+    with pytest.raises(ValueError, match=words) as err:
+        action_bounds(space)
+    assert "supports a continuous gymnasium.spaces.Box" in str(err.value)
+    low, high = action_bounds(gym.spaces.Box(np.array(LOW, np.float32), np.array(HIGH, np.float32)))
+    assert np.allclose(low, LOW) and np.allclose(high, HIGH)
+    with pytest.raises(ValueError, match="finite"):
+        BehaviorModel(3, [-1, -math.inf], [1, 1])
+
+
+def test_out_of_range_actions_are_clipped_and_counted():
+    model = BehaviorModel(2, LOW, HIGH, **SMALL)
+    actions = torch.tensor([[-0.5, 1.0, -2.0], [0.0, 2.5, -0.5], [1.2, 0.0, -3.0]])
+    clipped, outside = model.clip_to_bounds(actions)
+    assert outside == 3
+    assert torch.equal(clipped, torch.tensor([[-0.4, 1.0, -2.0], [0.0, 2.0, -1.0], [1.2, 0.0, -3.0]]))
+
+
+def test_presets_match_the_paper():
+    mujoco = BehaviorModel.from_preset("mujoco", 17, [-1] * 6, [1] * 6)
+    linears = [m for m in mujoco.state_mlp if isinstance(m, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(17, 750), (750, 750), (750, 750)]
+    assert mujoco.head_state.out_features == 6 * 256 and len(mujoco.head_hidden_w) == 2  # 3 hidden layers of 256
+    assert mujoco.head_out_w.shape == (6, 256, 40) and mujoco.config["prefix_dim"] == 0  # raw a[:i] (App. B)
+    kitchen = BehaviorModel.from_preset("table3", 59, [-1] * 9, [1] * 9)
+    linears = [m for m in kitchen.state_mlp if isinstance(m, torch.nn.Linear)]
+    assert [l.out_features for l in linears] == [256] * 5 and len(kitchen.head_hidden_w) == 0
+    assert kitchen.lin_weight.shape == (9, 9, 128) and kitchen.head_out_w.shape == (9, 128, 80)
+    assert set(PRESETS) == {"mujoco", "table3"}
