@@ -1,0 +1,598 @@
+"""Offline EMaQ (Expected-Max Q-learning; Ghasemipour, Schuurmans & Gu, ICML 2021) on Minari datasets.
+
+One file, read top to bottom: data -> behavior model mu(a|s) -> Q ensemble with the EMaQ target (eq. 11)
+-> the test-time policy (Algorithm 1) -> evaluation in the real environment -> logging.
+Docs: README.md. Search this file for "eq. 11" and "Algorithm 1" to find the algorithm.
+"""
+
+import copy
+import json
+import os
+import random
+import re
+import socket
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from behavior_model import BehaviorModel, action_bounds
+
+
+@dataclass
+class Args:
+    exp_name: str = "emaq_offline"
+    """the name of this experiment (part of the run directory's name)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the evaluation environments"""
+    torch_deterministic: bool = True
+    """sets torch.backends.cudnn.deterministic"""
+    cuda: bool = True
+    """use the GPU when one is present"""
+    runs_dir: str = "runs"
+    """TensorBoard logs and saved models go to runs_dir/<run name>/"""
+
+    # Data
+    dataset_id: str = "emaq/HalfCheetah-v5/random-v0"
+    """a Minari dataset id; emaq/<EnvId>/random-v0 (1M steps) or random_<steps>-v0 is generated locally on first use"""
+    normalize_obs: bool = True
+    """normalize observations with the dataset's mean and std (std + 1e-3), here and in the evaluation env"""
+    preset: Literal["auto", "mujoco", "table3"] = "auto"
+    """sizes from Table 2 (mujoco) or Table 3 (kitchen/antmaze/adroit); 'auto' picks by dataset id"""
+
+    # Behavior model mu(a|s)
+    behavior_path: Optional[str] = None
+    """load a saved mu (mu.pt of an earlier run) instead of pretraining one; a sweep over N reuses one mu"""
+    behavior_updates: int = 300_000
+    """maximum-likelihood updates of mu before EMaQ training"""
+    behavior_lr: float = 5e-4
+    """Adam learning rate of mu (Tables 2 and 3)"""
+    behavior_holdout: float = 0.01
+    """fraction of transitions (at most 10,000) held out of mu's training to report its held-out NLL"""
+
+    # EMaQ
+    total_updates: int = 1_000_000
+    """Q-ensemble updates"""
+    batch_size: Optional[int] = None
+    """minibatch size (default: 256 mujoco, 128 table3)"""
+    num_samples: int = 10
+    """N: actions sampled from mu for the target (eq. 11) and the test-time policy (Algorithm 1)"""
+    num_qs: Optional[int] = None
+    """K: Q functions in the ensemble (default: 8 mujoco, 16 table3)"""
+    q_hidden: Optional[int] = None
+    """hidden width of every Q network (default: 750 mujoco, 256 table3)"""
+    q_layers: Optional[int] = None
+    """hidden layers of every Q network (default: 3 mujoco, 4 table3)"""
+    q_lr: float = 1e-4
+    """Adam learning rate of the Q ensemble"""
+    gamma: float = 0.99
+    """discount factor"""
+    ema: float = 0.995
+    """alpha: target <- alpha * target + (1 - alpha) * online, after every update"""
+    ensemble_lambda: float = 1.0
+    """Ensemble(values) = lambda * min + (1 - lambda) * max over the K targets (eq. 11)"""
+    test_ensemble_lambda: float = 1.0
+    """lambda of TestEnsemble in the test-time policy (Algorithm 1)"""
+    backup: Literal["max", "soft"] = "max"
+    """'max': the EMaQ backup; 'soft': the softmax-weighted average over the N samples (Appendix J)"""
+    soft_alpha: float = 10.0
+    """alpha of the soft backup, weights softmax(alpha * Q) (Appendix J, eq. 74)"""
+
+    # Evaluation, logging, saving
+    eval_every: int = 5_000
+    """evaluate the test-time policy every this many updates"""
+    eval_episodes: int = 10
+    """episodes per evaluation, run as one vectorized environment"""
+    eval_seed: int = 0
+    """seed of the evaluation episodes (the same initial states at every evaluation)"""
+    log_every: int = 1_000
+    """move losses to the host and log them every this many updates"""
+    save_model: bool = False
+    """write mu, the Q ensemble, its targets and optimizers, and the config into the run directory"""
+    evaluate_run: Optional[str] = None
+    """evaluate the model saved in this run directory and exit, without training"""
+
+
+# Table 2 (MuJoCo) and Table 3 (kitchen, antmaze, adroit).
+PRESETS = {
+    "mujoco": dict(batch_size=256, num_qs=8, q_hidden=750, q_layers=3),
+    "table3": dict(batch_size=128, num_qs=16, q_hidden=256, q_layers=4),
+}
+TABLE3_DOMAINS = ("kitchen", "antmaze", "adroit", "door", "hammer", "pen", "relocate")
+
+# D4RL's reference returns (random policy, expert), used where a dataset has no reference scores of its own.
+D4RL_REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+
+
+def log(message: str):
+    """Progress notes go to stderr beside the progress bars; stdout carries only the final summary line."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def fail(message: str):
+    """End the run with one clear line and exit code 2; no traceback for a user's mistake."""
+    log(f"error: {message}")
+    sys.exit(2)
+
+
+def check_args(args: Args):
+    preset = args.preset
+    if preset == "auto":
+        preset = "table3" if any(d in args.dataset_id.lower() for d in TABLE3_DOMAINS) else "mujoco"
+    for key, value in PRESETS[preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.preset = preset
+    problems = [
+        (args.num_samples < 1, f"--num-samples (N) must be >= 1, got {args.num_samples}"),
+        (args.num_qs < 1, f"--num-qs (K) must be >= 1, got {args.num_qs}"),
+        (not 0 <= args.ensemble_lambda <= 1, f"--ensemble-lambda must lie in [0, 1], got {args.ensemble_lambda}"),
+        (not 0 <= args.test_ensemble_lambda <= 1, f"--test-ensemble-lambda must lie in [0, 1], got {args.test_ensemble_lambda}"),
+        (min(args.batch_size, args.q_hidden, args.q_layers, args.eval_episodes, args.eval_every, args.log_every) < 1,
+         "--batch-size, --q-hidden, --q-layers, --eval-episodes, --eval-every and --log-every must be >= 1"),
+        (min(args.total_updates, args.behavior_updates) < 0, "--total-updates and --behavior-updates must be >= 0"),
+        (not 0 <= args.ema < 1 or not 0 <= args.gamma <= 1, "--ema must lie in [0, 1) and --gamma in [0, 1]"),
+        (args.behavior_path is None and args.behavior_updates == 0 and args.evaluate_run is None,
+         "--behavior-updates 0 needs --behavior-path: mu must come from somewhere"),
+        (not 0 <= args.behavior_holdout < 0.5, f"--behavior-holdout must lie in [0, 0.5), got {args.behavior_holdout}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            fail(message)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: a Minari dataset -> transitions (s, a, r, s', terminal) as tensors on the training device
+# ---------------------------------------------------------------------------------------------------
+RANDOM_ID = re.compile(r"emaq/(?P<env_id>[^/]+)/random(?:_(?P<steps>\d+))?-v0")
+
+
+def generate_random_dataset(dataset_id: str, env_id: str, steps: int, seed: int):
+    """The paper's 'random' protocol: `steps` transitions of a uniform random policy, saved as a Minari dataset."""
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    try:
+        env = gym.make(env_id)
+        action_bounds(env.action_space)
+    except (gym.error.Error, ValueError) as e:
+        fail(f"cannot generate {dataset_id}: {e}")
+    env.action_space.seed(seed)
+    buffers, returns = [], []
+    obs, _ = env.reset(seed=seed)
+    episode = dict(observations=[obs], actions=[], rewards=[], terminations=[], truncations=[])
+    for t in tqdm(range(steps), desc=f"generating {dataset_id}", unit="step", mininterval=1.0):
+        action = env.action_space.sample()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        truncated = truncated or t == steps - 1  # the last, cut-off episode ends truncated
+        for key, value in zip(episode, (obs, action, reward, terminated, truncated)):
+            episode[key].append(value)
+        if terminated or truncated:
+            if terminated or len(episode["rewards"]) == env.spec.max_episode_steps:
+                returns.append(sum(episode["rewards"]))  # complete episodes only: the random policy's return
+            buffers.append(EpisodeBuffer(id=len(buffers), observations=np.asarray(episode["observations"]), actions=np.asarray(episode["actions"]),
+                                         rewards=episode["rewards"], terminations=episode["terminations"], truncations=episode["truncations"]))
+            obs, _ = env.reset()
+            episode = dict(observations=[obs], actions=[], rewards=[], terminations=[], truncations=[])
+    family = env_id.split("-")[0].lower()
+    scores = {}
+    if family in D4RL_REF_SCORES and returns:  # min: this random policy's return; max: D4RL's expert constant
+        scores = dict(ref_min_score=float(np.mean(returns)), ref_max_score=D4RL_REF_SCORES[family][1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers(
+            dataset_id, buffers, env=env_id, algorithm_name="uniform random policy", author="emaq_offline.py",
+            author_email="none", code_permalink="emaq_offline.py: generate_random_dataset", **scores,
+            description=f"{steps} transitions of a uniform random policy in {env_id} (the EMaQ/D4RL 'random' protocol), seed {seed}.",
+        )
+
+
+def network_available(host="huggingface.co", port=443, timeout=3.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_minari_dataset(dataset_id: str, seed: int):
+    """A local dataset as it is; our generated ids on first use; any other id downloaded once."""
+    import minari
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    local = set(minari.list_local_datasets())
+    if dataset_id not in local:
+        match = RANDOM_ID.fullmatch(dataset_id)
+        if match:
+            generate_random_dataset(dataset_id, match["env_id"], int(match["steps"] or 1_000_000), seed)
+        elif not network_available():
+            fail(f"dataset {dataset_id!r} is not in the local Minari folder ({get_dataset_path()}) and there is no network "
+                 f"to download it: download it elsewhere with `minari download {dataset_id}` and copy it there, or use a generated "
+                 f"dataset such as emaq/HalfCheetah-v5/random-v0 (see `minari list local`)")
+        else:
+            try:
+                minari.download_dataset(dataset_id)
+            except Exception as e:
+                fail(f"could not download dataset {dataset_id!r}: {e}. Check the id with `minari list remote`")
+    try:
+        return minari.load_dataset(dataset_id)
+    except Exception as e:
+        fail(f"could not load dataset {dataset_id!r}: {e}")
+
+
+def flatten_obs(space: gym.Space, obs) -> np.ndarray:
+    """[T, ...] observations -> [T, obs_dim] float32. Dict spaces are concatenated in the space's key order,
+    the same function serves the dataset and the evaluation environment, so the order always agrees."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten_obs(sub, obs[key]) for key, sub in space.spaces.items()], axis=1)
+    if isinstance(space, gym.spaces.Box):
+        obs = np.asarray(obs, dtype=np.float32)
+        return obs.reshape(obs.shape[0], -1)
+    fail(f"unsupported observation space {space}: EMaQ here supports Box and (nested) Dict of Box observations")
+
+
+def episodes_to_transitions(dataset) -> dict[str, np.ndarray]:
+    """Every episode has T+1 observations and T actions: transition t is (o_t, a_t, r_t, o_{t+1}, terminated_t).
+    terminal is termination only: a truncated (time-limit) ending still bootstraps from o_{t+1}."""
+    parts = {key: [] for key in ("obs", "actions", "rewards", "next_obs", "terminals")}
+    for episode in dataset.iterate_episodes():
+        obs = flatten_obs(dataset.observation_space, episode.observations)
+        steps = len(episode.rewards)
+        if obs.shape[0] != steps + 1:
+            fail(f"episode {episode.id} of {dataset.spec.dataset_id} has {obs.shape[0]} observations for {steps} steps (expected T+1)")
+        parts["obs"].append(obs[:-1])
+        parts["next_obs"].append(obs[1:])
+        parts["actions"].append(np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1))
+        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
+        parts["terminals"].append(np.asarray(episode.terminations, dtype=np.float32))
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def check_and_clip(data: dict, low, high, dataset_id: str):
+    """Refuse NaN/Inf (naming where), clip actions to the action space and report the count once."""
+    for key, value in data.items():
+        bad = ~np.isfinite(value)
+        if bad.any():
+            rows = np.nonzero(bad.reshape(len(value), -1).any(1))[0]
+            fail(f"dataset {dataset_id} has {int(bad.sum())} NaN/Inf values in {key} (first at transition {rows[0]}): "
+                 f"clean those episodes out of the dataset and run again")
+    low, high = np.asarray(low, np.float32), np.asarray(high, np.float32)
+    outside = int(((data["actions"] < low) | (data["actions"] > high)).sum())
+    if outside:
+        log(f"note: clipped {outside} action coordinates that lay outside the action space [{low.min()}, {high.max()}]")
+        data["actions"] = np.clip(data["actions"], low, high)
+    return data
+
+
+def reference_scores(dataset):
+    """(min, max, tag): the dataset's own reference scores, else D4RL's for the same env family, else None."""
+    meta = dataset.storage.metadata
+    if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+        return meta["ref_min_score"], meta["ref_max_score"], "normalized_score"
+    spec = dataset._eval_env_spec or dataset.env_spec  # Minari keeps the evaluation spec private
+    family = spec.id.split("-")[0].lower() if spec is not None else ""
+    if family in D4RL_REF_SCORES:
+        return (*D4RL_REF_SCORES[family], "normalized_score_d4rl_ref")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Q ensemble: K MLPs evaluated together, one batched matmul per layer
+# ---------------------------------------------------------------------------------------------------
+class QEnsemble(nn.Module):
+    """K Q networks Q_k(s, a), weights stacked as [K, in, out]. The first layer is split into a state part,
+    computed once per state, and an action part, computed per sampled action: Q(s', a'_i) for N samples
+    costs one state projection, not N."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_qs: int, hidden: int, layers: int):
+        super().__init__()
+
+        def stacked(fan_in, *shape):  # nn.Linear's default initialization, for every member
+            bound = 1 / fan_in**0.5
+            return nn.Parameter(torch.empty(num_qs, *shape).uniform_(-bound, bound))
+
+        self.w_obs, self.w_act = stacked(obs_dim + act_dim, obs_dim, hidden), stacked(obs_dim + act_dim, act_dim, hidden)
+        self.b_in = stacked(obs_dim + act_dim, 1, hidden)
+        self.w_hidden = nn.ParameterList([stacked(hidden, hidden, hidden) for _ in range(layers - 1)])
+        self.b_hidden = nn.ParameterList([stacked(hidden, 1, hidden) for _ in range(layers - 1)])
+        self.w_out, self.b_out = stacked(hidden, hidden, 1), stacked(hidden, 1, 1)
+        self.num_qs = num_qs
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """obs [B, S], actions [B, N, A] -> Q values [K, B, N]."""
+        batch, n, act_dim = actions.shape
+        k = self.num_qs
+        state_part = torch.baddbmm(self.b_in, obs.expand(k, -1, -1), self.w_obs)  # [K, B, H], once per state
+        action_part = torch.bmm(actions.reshape(1, batch * n, act_dim).expand(k, -1, -1), self.w_act)  # [K, B*N, H]
+        x = (action_part.view(k, batch, n, -1) + state_part.unsqueeze(2)).relu_().view(k, batch * n, -1)
+        for w, b in zip(self.w_hidden, self.b_hidden):
+            x = torch.baddbmm(b, x, w).relu_()
+        return torch.baddbmm(self.b_out, x, self.w_out).view(k, batch, n)
+
+
+def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:
+    """Ensemble / TestEnsemble over the K members (dim 0): lambda * min + (1 - lambda) * max."""
+    return lam * q_values.min(0).values + (1 - lam) * q_values.max(0).values
+
+
+# ---------------------------------------------------------------------------------------------------
+# EMaQ: the target (eq. 11), one update (eq. 10), and the test-time policy (Algorithm 1)
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def emaq_target(mu, q_target, rewards, next_obs, terminals, args: Args) -> torch.Tensor:
+    """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')   (eq. 11)."""
+    next_actions = mu.sample(next_obs, args.num_samples)  # [B, N, A]
+    values = ensemble(q_target(next_obs, next_actions), args.ensemble_lambda)  # [B, N]
+    if args.backup == "max":
+        backup = values.max(-1).values
+    else:  # soft-EMaQ (Appendix J, eq. 71-74): softmax(alpha * Q)-weighted average of the N values
+        backup = (torch.softmax(args.soft_alpha * values, -1) * values).sum(-1)
+    return rewards + args.gamma * (1 - terminals) * backup
+
+
+def emaq_update(data, mu, q_ensemble, q_target, q_optimizer, args: Args) -> dict:
+    """One Q-ensemble update on a minibatch drawn on the device. Returns device tensors (no host sync)."""
+    idx = torch.randint(len(data["obs"]), (args.batch_size,), device=data["obs"].device)
+    obs, actions, rewards, next_obs, terminals = (data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals"))
+    target = emaq_target(mu, q_target, rewards, next_obs, terminals, args)
+    q = q_ensemble(obs, actions.unsqueeze(1)).squeeze(-1)  # [K, B]
+    # eq. 10: each member's mean squared error, summed over members (members train independently)
+    loss = ((q - target) ** 2).mean(1).sum()
+    q_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    q_optimizer.step()
+    with torch.no_grad():
+        for p_target, p in zip(q_target.parameters(), q_ensemble.parameters()):
+            p_target.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
+    return {"qf_loss": loss.detach() / args.num_qs, "qf_values": q.detach().mean(), "q_ensemble_std": q.detach().std(0).mean(),
+            "target_values": target.mean()}
+
+
+@torch.no_grad()
+def test_time_policy(mu, q_ensemble, obs: torch.Tensor, num_samples: int, test_lambda: float) -> torch.Tensor:
+    """Algorithm 1: sample N actions from mu(.|s), return the argmax of TestEnsemble({Q_k(s, a_i)})."""
+    candidates = mu.sample(obs, num_samples)  # [B, N, A]
+    scores = ensemble(q_ensemble(obs, candidates), test_lambda)  # [B, N]
+    return candidates[torch.arange(len(obs), device=obs.device), scores.argmax(-1)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation in the environment recovered from the dataset, vectorized over episodes
+# ---------------------------------------------------------------------------------------------------
+def make_eval_envs(dataset, num_episodes: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True) for _ in range(num_episodes)])
+        except Exception as e:
+            fail(f"cannot build the evaluation environment of {dataset.spec.dataset_id}: {e}")
+
+
+def evaluate(policy, envs, obs_space, normalize, seed: int, device) -> np.ndarray:
+    """Undiscounted return of the first episode of every sub-environment."""
+    obs, _ = envs.reset(seed=seed)
+    returns = np.zeros(envs.num_envs)
+    done = np.zeros(envs.num_envs, dtype=bool)
+    while not done.all():
+        obs_t = normalize(torch.as_tensor(flatten_obs(obs_space, obs), device=device))
+        actions = policy(obs_t).cpu().numpy()
+        obs, rewards, terminated, truncated, _ = envs.step(actions)
+        returns += rewards * ~done
+        done |= terminated | truncated
+    return returns
+
+
+def normalized(returns, ref):
+    """D4RL convention: 100 * (return - random) / (expert - random)."""
+    return None if ref is None else 100 * (np.mean(returns) - ref[0]) / (ref[1] - ref[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------
+def atomic_save(obj, path: str):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_run(run_dir, args, mu, q_ensemble, q_target, q_optimizer, obs_mean, obs_std, step):
+    mu.save(os.path.join(run_dir, "mu.pt"))
+    atomic_save({"q_ensemble": q_ensemble.state_dict(), "q_target": q_target.state_dict(), "q_optimizer": q_optimizer.state_dict(),
+                 "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(), "step": step}, os.path.join(run_dir, "model.pt"))
+
+
+def write_json(path, obj):
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------------
+def main(args: Args):
+    if args.evaluate_run:
+        return evaluate_saved_run(args)
+    args = check_args(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # --- data ---
+    dataset = load_minari_dataset(args.dataset_id, args.seed)
+    try:
+        low, high = action_bounds(dataset.action_space)
+    except ValueError as e:
+        fail(f"dataset {args.dataset_id}: {e}")
+    data = check_and_clip(episodes_to_transitions(dataset), low, high, args.dataset_id)
+    obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
+    data = {k: torch.as_tensor(v, device=device) for k, v in data.items()}  # the whole dataset lives on the device
+    if args.normalize_obs:
+        obs_mean, obs_std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
+    else:
+        obs_mean, obs_std = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device)
+    data["obs"], data["next_obs"] = (data["obs"] - obs_mean) / obs_std, (data["next_obs"] - obs_mean) / obs_std
+    normalize = lambda o: (o - obs_mean) / obs_std  # noqa: E731
+    num_transitions = len(data["obs"])
+
+    run_name = f"{args.dataset_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, "config.json"), asdict(args))
+    except OSError as e:
+        fail(f"cannot write the run directory {run_dir}: {e.strerror}; pass a writable --runs-dir")
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    ref = reference_scores(dataset)
+    score_tag = ref[2] if ref else None
+    log(f"{args.dataset_id}: {num_transitions} transitions, obs {obs_dim}, actions {act_dim}, device {device}, run {run_dir}")
+
+    # --- behavior model mu(a|s): pretrain, or load ---
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    perm = torch.randperm(num_transitions, generator=generator).to(device)
+    num_holdout = min(int(args.behavior_holdout * num_transitions), 10_000)
+    holdout_idx, train_idx = perm[:num_holdout], perm[num_holdout:]
+    if args.behavior_path:
+        try:
+            mu = BehaviorModel.load(args.behavior_path, obs_dim=obs_dim, act_dim=act_dim).to(device)
+        except ValueError as e:
+            fail(str(e))
+        check_behavior_meta(args)
+    else:
+        preset = "table3" if args.preset == "table3" else "mujoco"
+        mu = BehaviorModel.from_preset(preset, obs_dim, low, high).to(device)
+        mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr)
+        progress = tqdm(range(1, args.behavior_updates + 1), desc="mu", unit="upd", mininterval=1.0)
+        for step in progress:
+            idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), device=device)]
+            nll = mu.loss(data["obs"][idx], data["actions"][idx])
+            mu_optimizer.zero_grad(set_to_none=True)
+            nll.backward()
+            mu_optimizer.step()
+            if step % args.log_every == 0 or step == args.behavior_updates:
+                writer.add_scalar("losses/behavior_nll", nll.item(), step)
+                progress.set_postfix(nll=f"{nll.item():.3f}")
+    mu.eval().requires_grad_(False)
+    mu.save(os.path.join(run_dir, "mu.pt"))
+    write_json(os.path.join(run_dir, "mu.json"), {"dataset_id": args.dataset_id, "normalize_obs": args.normalize_obs})
+    if num_holdout:
+        with torch.no_grad():
+            heldout = -torch.cat([mu.log_prob(data["obs"][i], data["actions"][i]) for i in holdout_idx.split(4096)]).mean().item()
+        writer.add_scalar("eval/behavior_heldout_nll", heldout, 0)
+
+    # --- mu alone (the behavior-cloning baseline, the paper's mu(a|s) column) ---
+    envs = make_eval_envs(dataset, args.eval_episodes)
+    obs_space = dataset.observation_space
+    mu_returns = evaluate(lambda o: mu.sample(o, 1)[:, 0], envs, obs_space, normalize, args.eval_seed, device)
+    mu_score = normalized(mu_returns, ref)
+    writer.add_scalar("eval/behavior_return", mu_returns.mean(), 0)
+    if ref:
+        writer.add_scalar(f"eval/behavior_{score_tag}", mu_score, 0)
+    log(f"mu alone: return {mu_returns.mean():.1f} ± {mu_returns.std():.1f}" + (f", {score_tag} {mu_score:.1f}" if ref else ""))
+
+    # --- EMaQ: Q ensemble trained with the target of eq. 11 ---
+    q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
+    q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
+    q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr)
+    policy = lambda o: test_time_policy(mu, q_ensemble, o, args.num_samples, args.test_ensemble_lambda)  # noqa: E731
+    history, last_log_time, last_log_step = [], time.time(), 0
+    progress = tqdm(range(1, args.total_updates + 1), desc="EMaQ", unit="upd", mininterval=1.0)
+    for step in progress:
+        metrics = emaq_update(data, mu, q_ensemble, q_target, q_optimizer, args)
+        if step % args.log_every == 0 or step == args.total_updates:
+            values = {k: v.item() for k, v in metrics.items()}  # the only host sync: once per log interval
+            if not all(np.isfinite(list(values.values()))):
+                fail(f"non-finite loss or Q values at update {step} ({values}); lower --q-lr or check the rewards")
+            for key, value in values.items():
+                writer.add_scalar(f"losses/{key}", value, step)
+            writer.add_scalar("charts/SPS", (step - last_log_step) / (time.time() - last_log_time), step)
+            last_log_time, last_log_step = time.time(), step
+        if step % args.eval_every == 0 or step == args.total_updates:
+            returns = evaluate(policy, envs, obs_space, normalize, args.eval_seed, device)
+            score = normalized(returns, ref)
+            history.append((step, returns.mean(), score))
+            writer.add_scalar("eval/episodic_return", returns.mean(), step)
+            writer.add_scalar("eval/episodic_return_std", returns.std(), step)
+            if ref:
+                writer.add_scalar(f"eval/{score_tag}", score, step)
+            progress.set_postfix(ret=f"{returns.mean():.0f}", **({"score": f"{score:.1f}"} if ref else {}))
+    envs.close()
+
+    if args.save_model:
+        save_run(run_dir, args, mu, q_ensemble, q_target, q_optimizer, obs_mean, obs_std, args.total_updates)
+    summary = {"dataset_id": args.dataset_id, "mu_return": float(mu_returns.mean()), "mu_score": mu_score, "score_tag": score_tag,
+               "history": [(s, float(r), sc) for s, r, sc in history]}
+    write_json(os.path.join(run_dir, "summary.json"), summary)
+    writer.close()
+    print(one_line_summary(args.dataset_id, mu_returns.mean(), mu_score, history, run_dir))
+    return summary
+
+
+def one_line_summary(dataset_id, mu_return, mu_score, history, run_dir):
+    def fmt(ret, score):
+        return f"return {ret:.1f}" + (f" (score {score:.1f})" if score is not None else "")
+
+    text = f"{dataset_id} | mu {fmt(mu_return, mu_score)}"
+    if history:
+        best = max(history, key=lambda h: h[1])
+        text += f" | EMaQ last {fmt(history[-1][1], history[-1][2])} | best {fmt(best[1], best[2])} at update {best[0]}"
+    return text + f" | {run_dir}"
+
+
+def check_behavior_meta(args: Args):
+    """A loaded mu must have been trained on the same dataset with the same observation normalization."""
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(args.behavior_path)), "mu.json")
+    if not os.path.exists(meta_path):
+        log(f"note: {meta_path} is missing: cannot check that {args.behavior_path} was trained on {args.dataset_id}")
+        return
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if (meta["dataset_id"], meta["normalize_obs"]) != (args.dataset_id, args.normalize_obs):
+        fail(f"{args.behavior_path} was trained on {meta['dataset_id']} with normalize_obs={meta['normalize_obs']}, "
+             f"this run uses {args.dataset_id} with normalize_obs={args.normalize_obs}: pass a mu trained like this run")
+
+
+def evaluate_saved_run(args: Args):
+    """Evaluate a run saved with --save-model, without training."""
+    run_dir = args.evaluate_run
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = Args(**json.load(f))
+        blob = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)
+        mu = BehaviorModel.load(os.path.join(run_dir, "mu.pt"))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        fail(f"{run_dir} holds no readable saved run ({e}); train with --save-model first")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    dataset = load_minari_dataset(saved.dataset_id, saved.seed)
+    q_ensemble = QEnsemble(mu.obs_dim, mu.act_dim, saved.num_qs, saved.q_hidden, saved.q_layers)
+    q_ensemble.load_state_dict(blob["q_ensemble"])
+    mu, q_ensemble = mu.to(device).eval(), q_ensemble.to(device)
+    obs_mean, obs_std = blob["obs_mean"].to(device), blob["obs_std"].to(device)
+    envs = make_eval_envs(dataset, args.eval_episodes)
+    returns = evaluate(lambda o: test_time_policy(mu, q_ensemble, o, saved.num_samples, saved.test_ensemble_lambda), envs,
+                       dataset.observation_space, lambda o: (o - obs_mean) / obs_std, args.eval_seed, device)
+    ref = reference_scores(dataset)
+    score = normalized(returns, ref)
+    print(f"{run_dir}: {args.eval_episodes} episodes, return {returns.mean():.1f} ± {returns.std():.1f}" + (f", {ref[2]} {score:.1f}" if ref else ""))
+    return {"returns": returns.tolist(), "score": score}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,84 @@
+"""Shared test helpers: every dataset is a real Minari dataset built from a real environment, in a temporary folder."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def minari_datasets_path(tmp_path_factory):
+    """Point Minari at a temporary folder for the whole session: tests never touch the user's ~/.minari."""
+    path = str(tmp_path_factory.mktemp("minari_datasets"))
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = path
+    yield path
+    if old is None:
+        del os.environ["MINARI_DATASETS_PATH"]
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def collect(env, num_steps, seed=0, policy=None):
+    """Run `policy` (uniform random by default) in a real env; return Minari episode buffers and the transitions
+    exactly as the environment produced them, [(obs, action, reward, next_obs, terminated, truncated)]."""
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    buffers, transitions, episode = [], [], None
+
+    def stack(items):
+        return {k: np.asarray([o[k] for o in items]) for k in items[0]} if isinstance(items[0], dict) else np.asarray(items)
+
+    while len(transitions) < num_steps:
+        episode = episode or dict(obs=[obs], actions=[], rewards=[], terms=[], truncs=[])
+        action = policy(obs) if policy else env.action_space.sample()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        truncated = truncated or len(transitions) == num_steps - 1
+        transitions.append((obs, action, reward, next_obs, terminated, truncated))
+        for key, value in zip(("obs", "actions", "rewards", "terms", "truncs"), (next_obs, action, reward, terminated, truncated)):
+            episode[key].append(value)
+        obs = next_obs
+        if terminated or truncated:
+            buffers.append(EpisodeBuffer(id=len(buffers), observations=stack(episode["obs"]), actions=np.asarray(episode["actions"]),
+                                         rewards=episode["rewards"], terminations=episode["terms"], truncations=episode["truncs"]))
+            obs, episode = env.reset()[0], None
+    return buffers, transitions
+
+
+def make_dataset(dataset_id, env, num_steps, seed=0, policy=None, edit=None, **metadata):
+    """Create (once) a real Minari dataset from `env`; `edit(buffers)` may corrupt it on purpose."""
+    import minari
+
+    if dataset_id in minari.list_local_datasets():
+        return minari.load_dataset(dataset_id), None
+    buffers, transitions = collect(env, num_steps, seed, policy)
+    if edit:
+        buffers = edit(buffers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers(dataset_id, buffers, env=env, algorithm_name="random", author="tests",
+                                           author_email="none", code_permalink="tests", description="test data", **metadata)
+    return minari.load_dataset(dataset_id), transitions
+
+
+def run_script(*args, timeout=600):
+    """Run a script of the repository as a user would, in a subprocess; returns CompletedProcess."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+TINY = ["--preset", "table3", "--behavior-updates", "50", "--total-updates", "40", "--eval-every", "20", "--eval-episodes", "2",
+        "--log-every", "10", "--num-qs", "2", "--q-hidden", "32", "--q-layers", "2", "--batch-size", "32", "--num-samples", "4"]
+
+
+@pytest.fixture
+def hopper_env():
+    return gym.make("Hopper-v5", max_episode_steps=40)
