@@ -6,6 +6,7 @@ Docs: README.md. Search this file for "eq. 11" and "Algorithm 1" to find the alg
 """
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -63,15 +64,15 @@ class Args:
     total_updates: int = 1_000_000
     """Q-ensemble updates"""
     batch_size: Optional[int] = None
-    """minibatch size (default: 256 mujoco, 128 table3)"""
+    """minibatch size; unset: 256 (mujoco preset) or 128 (table3)"""
     num_samples: int = 10
     """N: actions sampled from mu for the target (eq. 11) and the test-time policy (Algorithm 1)"""
     num_qs: Optional[int] = None
-    """K: Q functions in the ensemble (default: 8 mujoco, 16 table3)"""
+    """K: Q functions in the ensemble; unset: 8 (mujoco) or 16 (table3)"""
     q_hidden: Optional[int] = None
-    """hidden width of every Q network (default: 750 mujoco, 256 table3)"""
+    """hidden width of every Q network; unset: 750 (mujoco) or 256 (table3)"""
     q_layers: Optional[int] = None
-    """hidden layers of every Q network (default: 3 mujoco, 4 table3)"""
+    """hidden layers of every Q network; unset: 3 (mujoco) or 4 (table3)"""
     q_lr: float = 1e-4
     """Adam learning rate of the Q ensemble"""
     gamma: float = 0.99
@@ -100,6 +101,12 @@ class Args:
     """write mu, the Q ensemble, its targets and optimizers, and the config into the run directory"""
     evaluate_run: Optional[str] = None
     """evaluate the model saved in this run directory and exit, without training"""
+    delta_ns: tuple[int, ...] = (1, 2, 5, 10, 25, 50, 100, 200, 400)
+    """N grid of the difficulty curve Delta(s, N) computed after training (Section 3.3); empty turns it off"""
+    delta_support_samples: int = 4096
+    """mu samples per state that stand in for mu's support in Delta(s, N)"""
+    delta_states: int = 256
+    """dataset states in Delta(s, N), beside the initial states of the evaluation episodes"""
 
 
 # Table 2 (MuJoCo) and Table 3 (kitchen, antmaze, adroit).
@@ -148,6 +155,8 @@ def check_args(args: Args):
         (not 0 <= args.ema < 1 or not 0 <= args.gamma <= 1, "--ema must lie in [0, 1) and --gamma in [0, 1]"),
         (args.behavior_path is None and args.behavior_updates == 0 and args.evaluate_run is None,
          "--behavior-updates 0 needs --behavior-path: mu must come from somewhere"),
+        (any(n < 1 for n in args.delta_ns) or args.delta_support_samples < 1 or args.delta_states < 0,
+         "--delta-ns must hold values >= 1, --delta-support-samples must be >= 1 and --delta-states >= 0"),
         (not 0 <= args.behavior_holdout < 0.5, f"--behavior-holdout must lie in [0, 0.5), got {args.behavior_holdout}"),
     ]
     for bad, message in problems:
@@ -403,6 +412,62 @@ def normalized(returns, ref):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Delta(s, N): how hard is this dataset? (Section 3.3, Theorem 3.5)
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def delta_curve(mu, q_ensemble, states: torch.Tensor, ns, support_samples: int, test_lambda: float) -> np.ndarray:
+    """Delta(s, N) = max_{a in supp mu(.|s)} Q(s, a) - E_{a_1..a_N ~ mu}[max_i Q(s, a_i)], Q = TestEnsemble, [S, len(ns)].
+
+    M samples of mu(.|s) stand in for its support: the max over the support is their max, and E[max of N] is taken
+    exactly over their empirical distribution: with the M values sorted, P(max = v_(j)) = (j/M)^N - ((j-1)/M)^N."""
+    m = support_samples
+    j = torch.arange(1, m + 1, dtype=torch.float64, device=states.device) / m
+    weights = torch.stack([j**n - (j - 1 / m) ** n for n in ns]).float()  # [len(ns), M]
+    rows = []
+    for chunk in states.split(max(1, 16_384 // m)):  # bound the memory of K x chunk x M values
+        values = ensemble(q_ensemble(chunk, mu.sample(chunk, m)), test_lambda).sort(-1).values  # [b, M]
+        rows.append(values[:, -1:] - values @ weights.T)
+    return torch.cat(rows).cpu().numpy()
+
+
+def write_delta_curve(run_dir, writer, ns, deltas: np.ndarray, num_initial: int):
+    """delta_curve.csv (N, mean, 10th and 90th percentile over states), delta_curve.png and TensorBoard (step = N)."""
+    mean, p10, p90 = deltas.mean(0), np.percentile(deltas, 10, axis=0), np.percentile(deltas, 90, axis=0)
+    initial = deltas[:num_initial].mean(0)
+    with open(os.path.join(run_dir, "delta_curve.csv"), "w") as f:
+        f.write("N,mean,p10,p90,initial_states_mean\n")
+        for row in zip(ns, mean, p10, p90, initial):
+            f.write(",".join(f"{v:.6g}" for v in row) + "\n")
+    for n, values in zip(ns, zip(mean, p10, p90, initial)):
+        for tag, value in zip(("mean", "p10", "p90", "initial_states_mean"), values):
+            writer.add_scalar(f"delta/{tag}", value, n)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.fill_between(ns, p10, p90, alpha=0.3, label="10th-90th percentile over states")
+    ax.plot(ns, mean, marker="o", label="mean over states")
+    ax.plot(ns, initial, linestyle="--", label="initial states")
+    ax.set(xscale="log", xlabel="N (samples from mu)", ylabel="Delta(s, N)", title="EMaQ difficulty curve")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "delta_curve.png"), dpi=120)
+    plt.close(fig)
+
+
+def compute_delta(args, run_dir, writer, mu, q_ensemble, envs, obs_space, normalize, data_obs, device):
+    """Delta(s, N) over the initial states of the evaluation episodes and a sample of dataset states."""
+    initial = normalize(torch.as_tensor(flatten_obs(obs_space, envs.reset(seed=args.eval_seed)[0]), device=device))
+    picked = torch.randperm(len(data_obs), generator=torch.Generator().manual_seed(args.seed))[: args.delta_states].to(device)
+    deltas = delta_curve(mu, q_ensemble, torch.cat([initial, data_obs[picked]]), args.delta_ns, args.delta_support_samples,
+                         args.test_ensemble_lambda)
+    write_delta_curve(run_dir, writer, args.delta_ns, deltas, len(initial))
+    log(f"Delta(s, N) mean over states: " + ", ".join(f"N={n}: {d:.3g}" for n, d in zip(args.delta_ns, deltas.mean(0))))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------------
 def atomic_save(obj, path: str):
@@ -533,6 +598,8 @@ def main(args: Args):
             if ref:
                 writer.add_scalar(f"eval/{score_tag}", score, step)
             progress.set_postfix(ret=f"{returns.mean():.0f}", **({"score": f"{score:.1f}"} if ref else {}))
+    if args.delta_ns:
+        compute_delta(args, run_dir, writer, mu, q_ensemble, envs, obs_space, normalize, data["obs"], device)
     envs.close()
 
     if args.save_model:
@@ -570,7 +637,7 @@ def check_behavior_meta(args: Args):
 
 
 def evaluate_saved_run(args: Args):
-    """Evaluate a run saved with --save-model, without training."""
+    """Evaluate a run saved with --save-model, and compute its Delta(s, N) curve, without training."""
     run_dir = args.evaluate_run
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
@@ -579,18 +646,27 @@ def evaluate_saved_run(args: Args):
         mu = BehaviorModel.load(os.path.join(run_dir, "mu.pt"))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         fail(f"{run_dir} holds no readable saved run ({e}); train with --save-model first")
+    # the model's settings come from the saved run; what to evaluate comes from this command line
+    saved = dataclasses.replace(saved, eval_episodes=args.eval_episodes, eval_seed=args.eval_seed, delta_ns=args.delta_ns,
+                                delta_support_samples=args.delta_support_samples, delta_states=args.delta_states)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     dataset = load_minari_dataset(saved.dataset_id, saved.seed)
     q_ensemble = QEnsemble(mu.obs_dim, mu.act_dim, saved.num_qs, saved.q_hidden, saved.q_layers)
     q_ensemble.load_state_dict(blob["q_ensemble"])
     mu, q_ensemble = mu.to(device).eval(), q_ensemble.to(device)
     obs_mean, obs_std = blob["obs_mean"].to(device), blob["obs_std"].to(device)
-    envs = make_eval_envs(dataset, args.eval_episodes)
+    normalize = lambda o: (o - obs_mean) / obs_std  # noqa: E731
+    envs = make_eval_envs(dataset, saved.eval_episodes)
     returns = evaluate(lambda o: test_time_policy(mu, q_ensemble, o, saved.num_samples, saved.test_ensemble_lambda), envs,
-                       dataset.observation_space, lambda o: (o - obs_mean) / obs_std, args.eval_seed, device)
+                       dataset.observation_space, normalize, saved.eval_seed, device)
     ref = reference_scores(dataset)
     score = normalized(returns, ref)
-    print(f"{run_dir}: {args.eval_episodes} episodes, return {returns.mean():.1f} ± {returns.std():.1f}" + (f", {ref[2]} {score:.1f}" if ref else ""))
+    print(f"{run_dir}: {saved.eval_episodes} episodes, return {returns.mean():.1f} ± {returns.std():.1f}" + (f", {ref[2]} {score:.1f}" if ref else ""))
+    if saved.delta_ns:
+        data_obs = normalize(torch.as_tensor(episodes_to_transitions(dataset)["obs"], device=device))
+        with SummaryWriter(run_dir) as writer:
+            compute_delta(saved, run_dir, writer, mu, q_ensemble, envs, dataset.observation_space, normalize, data_obs, device)
+    envs.close()
     return {"returns": returns.tolist(), "score": score}
 
 

@@ -76,7 +76,8 @@ def run_script(*args, timeout=600):
 
 
 TINY = ["--preset", "table3", "--behavior-updates", "50", "--total-updates", "40", "--eval-every", "20", "--eval-episodes", "2",
-        "--log-every", "10", "--num-qs", "2", "--q-hidden", "32", "--q-layers", "2", "--batch-size", "32", "--num-samples", "4"]
+        "--log-every", "10", "--num-qs", "2", "--q-hidden", "32", "--q-layers", "2", "--batch-size", "32", "--num-samples", "4",
+        "--delta-ns", "1", "4", "16", "--delta-support-samples", "256", "--delta-states", "16"]
 
 
 @pytest.fixture

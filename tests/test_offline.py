@@ -135,12 +135,19 @@ def test_end_to_end_on_a_generated_dataset_then_reload_and_evaluate(tmp_path):
     assert tags["eval/episodic_return"] == pytest.approx([h[1] for h in summary["history"]])
     last_line = result.stdout.strip().splitlines()[-1]
     assert last_line.startswith("emaq/Hopper-v5/random_2000-v0 | mu return") and "EMaQ last return" in last_line and "best" in last_line
-    for name in ("mu.pt", "mu.json", "model.pt", "config.json"):
+    for name in ("mu.pt", "mu.json", "model.pt", "config.json", "delta_curve.png"):
         assert os.path.exists(os.path.join(run_dir, name)), name
+    curve = np.loadtxt(os.path.join(run_dir, "delta_curve.csv"), delimiter=",", skiprows=1)
+    assert curve[:, 0].tolist() == [1, 4, 16] and (curve[:, 1:] >= -1e-5).all()  # Delta >= 0 up to float error
+    assert (curve[:, 2] <= curve[:, 1] + 1e-6).all() and (curve[:, 1] <= curve[:, 3] + 1e-6).all()  # p10 <= mean <= p90
+    assert len(tags["delta/mean"]) == 3
 
-    again = run_script("emaq_offline.py", "--evaluate-run", run_dir, "--eval-episodes", "2")
+    os.remove(os.path.join(run_dir, "delta_curve.csv"))  # a saved run is evaluated, and its Delta recomputed, without training
+    again = run_script("emaq_offline.py", "--evaluate-run", run_dir, "--eval-episodes", "2", "--delta-ns", "2", "8",
+                       "--delta-support-samples", "128", "--delta-states", "4")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "return" in again.stdout and "normalized_score" in again.stdout
+    assert np.loadtxt(os.path.join(run_dir, "delta_curve.csv"), delimiter=",", skiprows=1)[:, 0].tolist() == [2, 8]
 
     # A sweep over N reuses the saved mu: the loaded model drives a new run.
     reuse = run_script("emaq_offline.py", "--dataset-id", "emaq/Hopper-v5/random_2000-v0", "--runs-dir", runs,
