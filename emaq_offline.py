@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import sys
 import time
@@ -108,6 +109,14 @@ class Args:
     delta_states: int = 256
     """dataset states in Delta(s, N), beside the initial states of the evaluation episodes"""
 
+    # Checkpoints and resuming
+    checkpoint_every: int = 10_000
+    """write the full training state (atomically) every this many updates of mu and of the Q ensemble"""
+    resume: Optional[str] = None
+    """continue the run in this run directory from its last checkpoint"""
+    target_memory_gb: Optional[float] = None
+    """memory budget of the target's B x N x K values; unset: half of the free device memory"""
+
 
 # Table 2 (MuJoCo) and Table 3 (kitchen, antmaze, adroit).
 PRESETS = {
@@ -132,6 +141,8 @@ def log(message: str):
 
 def fail(message: str):
     """End the run with one clear line and exit code 2; no traceback for a user's mistake."""
+    for bar in list(getattr(tqdm, "_instances", [])):  # close progress bars first: the error is the last line
+        bar.close()
     log(f"error: {message}")
     sys.exit(2)
 
@@ -152,6 +163,7 @@ def check_args(args: Args):
         (min(args.batch_size, args.q_hidden, args.q_layers, args.eval_episodes, args.eval_every, args.log_every) < 1,
          "--batch-size, --q-hidden, --q-layers, --eval-episodes, --eval-every and --log-every must be >= 1"),
         (min(args.total_updates, args.behavior_updates) < 0, "--total-updates and --behavior-updates must be >= 0"),
+        (args.checkpoint_every < 1, "--checkpoint-every must be >= 1"),
         (not 0 <= args.ema < 1 or not 0 <= args.gamma <= 1, "--ema must lie in [0, 1) and --gamma in [0, 1]"),
         (args.behavior_path is None and args.behavior_updates == 0 and args.evaluate_run is None,
          "--behavior-updates 0 needs --behavior-path: mu must come from somewhere"),
@@ -343,22 +355,43 @@ def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:
 # EMaQ: the target (eq. 11), one update (eq. 10), and the test-time policy (Algorithm 1)
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def emaq_target(mu, q_target, rewards, next_obs, terminals, args: Args) -> torch.Tensor:
-    """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')   (eq. 11)."""
-    next_actions = mu.sample(next_obs, args.num_samples)  # [B, N, A]
-    values = ensemble(q_target(next_obs, next_actions), args.ensemble_lambda)  # [B, N]
-    if args.backup == "max":
-        backup = values.max(-1).values
-    else:  # soft-EMaQ (Appendix J, eq. 71-74): softmax(alpha * Q)-weighted average of the N values
-        backup = (torch.softmax(args.soft_alpha * values, -1) * values).sum(-1)
-    return rewards + args.gamma * (1 - terminals) * backup
+def emaq_target(mu, q_target, rewards, next_obs, terminals, args: Args, states_per_chunk: Optional[int] = None) -> torch.Tensor:
+    """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')   (eq. 11).
+    The B x N x K values are computed `states_per_chunk` next states at a time when they would not fit at once."""
+    backups = []
+    for chunk in next_obs.split(states_per_chunk or len(next_obs)):
+        values = ensemble(q_target(chunk, mu.sample(chunk, args.num_samples)), args.ensemble_lambda)  # [b, N]
+        if args.backup == "max":
+            backups.append(values.max(-1).values)
+        else:  # soft-EMaQ (Appendix J, eq. 71-74): softmax(alpha * Q)-weighted average of the N values
+            backups.append((torch.softmax(args.soft_alpha * values, -1) * values).sum(-1))
+    return rewards + args.gamma * (1 - terminals) * torch.cat(backups)
 
 
-def emaq_update(data, mu, q_ensemble, q_target, q_optimizer, args: Args) -> dict:
+def target_states_per_chunk(args: Args, mu: BehaviorModel, device) -> int:
+    """How many next states the target may process at once; refuse up front if not even one fits."""
+    per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + 4 * mu.config["head_hidden"] + 3 * mu.num_bins)  # bytes
+    if args.target_memory_gb:
+        budget = args.target_memory_gb * 2**30
+    elif device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] / 2
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                budget = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable")) / 2
+        except (OSError, StopIteration):
+            budget = 4 * 2**30
+    if per_state > budget:
+        fail(f"the EMaQ target needs {per_state / 2**30:.2f} GiB per state for N={args.num_samples}, K={args.num_qs}, "
+             f"q_hidden={args.q_hidden}, more than the {budget / 2**30:.2f} GiB budget: lower --num-samples or --num-qs")
+    return int(min(args.batch_size, budget // per_state))
+
+
+def emaq_update(data, mu, q_ensemble, q_target, q_optimizer, args: Args, states_per_chunk=None) -> dict:
     """One Q-ensemble update on a minibatch drawn on the device. Returns device tensors (no host sync)."""
     idx = torch.randint(len(data["obs"]), (args.batch_size,), device=data["obs"].device)
     obs, actions, rewards, next_obs, terminals = (data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals"))
-    target = emaq_target(mu, q_target, rewards, next_obs, terminals, args)
+    target = emaq_target(mu, q_target, rewards, next_obs, terminals, args, states_per_chunk)
     q = q_ensemble(obs, actions.unsqueeze(1)).squeeze(-1)  # [K, B]
     # eq. 10: each member's mean squared error, summed over members (members train independently)
     loss = ((q - target) ** 2).mean(1).sum()
@@ -408,7 +441,7 @@ def evaluate(policy, envs, obs_space, normalize, seed: int, device) -> np.ndarra
 
 def normalized(returns, ref):
     """D4RL convention: 100 * (return - random) / (expert - random)."""
-    return None if ref is None else 100 * (np.mean(returns) - ref[0]) / (ref[1] - ref[0])
+    return None if ref is None else float(100 * (np.mean(returns) - ref[0]) / (ref[1] - ref[0]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -468,31 +501,175 @@ def compute_delta(args, run_dir, writer, mu, q_ensemble, envs, obs_space, normal
 
 
 # ---------------------------------------------------------------------------------------------------
-# Saving
+# Checkpoints: the full training state, written atomically, so that a killed run resumes exactly
 # ---------------------------------------------------------------------------------------------------
+STOP = {"signal": None}  # set by SIGINT/SIGTERM; the training loops checkpoint and exit at the next update
+
+
 def atomic_save(obj, path: str):
+    """Write a temporary file beside `path`, then rename it: a crash or a full disk never leaves a torn file."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if path.endswith(".json"):
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=2)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
-def save_run(run_dir, args, mu, q_ensemble, q_target, q_optimizer, obs_mean, obs_std, step):
-    mu.save(os.path.join(run_dir, "mu.pt"))
-    atomic_save({"q_ensemble": q_ensemble.state_dict(), "q_target": q_target.state_dict(), "q_optimizer": q_optimizer.state_dict(),
-                 "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(), "step": step}, os.path.join(run_dir, "model.pt"))
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, torch.tensor(py_state), py_gauss]}
 
 
-def write_json(path, obj):
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(f"{path}.tmp", path)
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((state["python"][0], tuple(state["python"][1].tolist()), state["python"][2]))
+
+
+def save_checkpoint(run_dir, run: dict, mu, mu_optimizer=None, q_ensemble=None, q_target=None, q_optimizer=None):
+    """Everything a resumed run needs: models, targets, optimizers, RNG states, counters, history, config."""
+    state = {**run, "rng": rng_state(), "mu": mu.state_dict(), "mu_config": mu.config,
+             "mu_optimizer": mu_optimizer.state_dict() if mu_optimizer else None,
+             "q_ensemble": q_ensemble.state_dict() if q_ensemble else None, "q_target": q_target.state_dict() if q_target else None,
+             "q_optimizer": q_optimizer.state_dict() if q_optimizer else None}
+    try:
+        atomic_save(state, os.path.join(run_dir, "checkpoint.pt"))
+        atomic_save({"phase": run["phase"], "step": run["step"]}, os.path.join(run_dir, "checkpoint.json"))
+    except OSError as e:
+        fail(f"could not write a checkpoint into {run_dir} ({e.strerror}); {last_checkpoint(run_dir)} is intact: "
+             f"free some space, then resume with: python emaq_offline.py --resume {run_dir}")
+
+
+def last_checkpoint(run_dir) -> str:
+    try:
+        with open(os.path.join(run_dir, "checkpoint.json")) as f:
+            meta = json.load(f)
+        return f"the checkpoint {run_dir}/checkpoint.pt ({meta['phase']} update {meta['step']})"
+    except (OSError, ValueError, KeyError):
+        return "no earlier checkpoint"
+
+
+def load_checkpoint(run_dir) -> dict:
+    path = os.path.join(run_dir, "checkpoint.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("phase", "step", "rng", "mu", "history", "mu_eval") if k not in state]
+        if missing:
+            raise KeyError(f"missing {missing}")
+    except FileNotFoundError:
+        fail(f"{run_dir} has no checkpoint.pt to resume from: start a new run (checkpoints come every --checkpoint-every updates)")
+    except Exception as e:
+        fail(f"{path} is truncated or not a checkpoint of emaq_offline.py ({type(e).__name__}); nothing was overwritten: "
+             f"resume from a copy of the run, or start a new run")
+    if state["phase"] == "done":
+        fail(f"the run in {run_dir} already finished; evaluate it with --evaluate-run {run_dir}, or start a new run")
+    return state
+
+
+def resolve_resume(args: Args) -> Args:
+    """--resume takes the saved run's config; any other flag that disagrees with it is refused."""
+    if not args.resume:
+        return args
+    try:
+        with open(os.path.join(args.resume, "config.json")) as f:
+            saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"{args.resume} is not a run directory of emaq_offline.py ({e}); pass runs/<run name>")
+    defaults, free = Args(), {"resume", "cuda"}
+    conflicts = [f"--{f.name.replace('_', '-')} {getattr(args, f.name)} (the run has {getattr(saved, f.name)})"
+                 for f in dataclasses.fields(Args) if f.name not in free
+                 and getattr(args, f.name) not in (getattr(defaults, f.name), getattr(saved, f.name))]
+    if conflicts:
+        fail(f"cannot resume {args.resume} with " + ", ".join(conflicts) + ": resume without those flags, or start a new run")
+    return dataclasses.replace(saved, resume=args.resume, cuda=args.cuda)
+
+
+def stop_if_requested(run: dict, checkpoint, run_dir):
+    if STOP["signal"] is not None:
+        checkpoint()
+        log(f"stopped by signal {STOP['signal']} at {run['phase']} update {run['step']}: checkpoint written. "
+            f"Resume with: python emaq_offline.py --resume {run_dir}")
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training loops
+# ---------------------------------------------------------------------------------------------------
+def pretrain_behavior(args, mu, mu_optimizer, data, train_idx, writer, run, checkpoint, run_dir):
+    """Maximum likelihood of mu on the training split (teacher forcing, all dimensions in one pass)."""
+    progress = tqdm(range(run["step"] + 1, args.behavior_updates + 1), desc="mu", unit="upd", mininterval=1.0,
+                    initial=run["step"], total=args.behavior_updates)
+    for step in progress:
+        idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), device=train_idx.device)]
+        nll = mu.loss(data["obs"][idx], data["actions"][idx])
+        mu_optimizer.zero_grad(set_to_none=True)
+        nll.backward()
+        mu_optimizer.step()
+        run["step"] = step
+        if step % args.log_every == 0 or step == args.behavior_updates:
+            value = nll.item()
+            if not np.isfinite(value):
+                fail(f"mu's loss became NaN/Inf by update {step}; the last good state is {last_checkpoint(run_dir)}: check the data")
+            writer.add_scalar("losses/behavior_nll", value, step)
+            progress.set_postfix(nll=f"{value:.3f}")
+        if step % args.checkpoint_every == 0:
+            checkpoint()
+        stop_if_requested(run, checkpoint, run_dir)
+
+
+def train_emaq(args, data, mu, q_ensemble, q_target, q_optimizer, evaluate_policy, writer, run, checkpoint, run_dir, ref):
+    """The Q-ensemble updates of Algorithm 1 (Appendix C), with evaluation, logging and checkpoints."""
+    states_per_chunk = target_states_per_chunk(args, mu, data["obs"].device)
+    first_nonfinite = torch.full((), -1, dtype=torch.long, device=data["obs"].device)  # tracked on the device, read when logging
+    last_time, last_step = time.time(), run["step"]
+    progress = tqdm(range(run["step"] + 1, args.total_updates + 1), desc="EMaQ", unit="upd", mininterval=1.0,
+                    initial=run["step"], total=args.total_updates)
+    for step in progress:
+        metrics = emaq_update(data, mu, q_ensemble, q_target, q_optimizer, args, states_per_chunk)
+        finite = torch.isfinite(metrics["qf_loss"]) & torch.isfinite(metrics["qf_values"])
+        first_nonfinite = torch.where((first_nonfinite < 0) & ~finite, step, first_nonfinite)
+        run["step"] = step
+        is_last = step == args.total_updates
+        if step % args.log_every == 0 or step % args.checkpoint_every == 0 or is_last:
+            if (bad := int(first_nonfinite)) >= 0:  # the only host syncs: once per log or checkpoint interval
+                fail(f"the loss or the Q values became NaN/Inf at update {bad}; the last good state is {last_checkpoint(run_dir)}: "
+                     f"resume from it with a lower --q-lr, or check the rewards")
+            for key, value in metrics.items():
+                writer.add_scalar(f"losses/{key}", value.item(), step)
+            writer.add_scalar("charts/SPS", (step - last_step) / max(time.time() - last_time, 1e-9), step)
+            last_time, last_step = time.time(), step
+        if step % args.eval_every == 0 or is_last:
+            returns = evaluate_policy()
+            score = normalized(returns, ref)
+            run["history"].append([step, float(returns.mean()), score])
+            writer.add_scalar("eval/episodic_return", returns.mean(), step)
+            writer.add_scalar("eval/episodic_return_std", returns.std(), step)
+            if ref:
+                writer.add_scalar(f"eval/{ref[2]}", score, step)
+            progress.set_postfix(ret=f"{returns.mean():.0f}", **({"score": f"{score:.1f}"} if ref else {}))
+        if step % args.checkpoint_every == 0 and not is_last:
+            checkpoint()
+        stop_if_requested(run, checkpoint, run_dir)
 
 
 # ---------------------------------------------------------------------------------------------------
 def main(args: Args):
     if args.evaluate_run:
         return evaluate_saved_run(args)
-    args = check_args(args)
+    args = check_args(resolve_resume(args))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -516,22 +693,29 @@ def main(args: Args):
     normalize = lambda o: (o - obs_mean) / obs_std  # noqa: E731
     num_transitions = len(data["obs"])
 
+    # --- the run directory: new, or the one being resumed ---
     run_name = f"{args.dataset_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
+    run_dir = args.resume or os.path.join(args.runs_dir, run_name)
+    ckpt = load_checkpoint(run_dir) if args.resume else None
     try:
         os.makedirs(run_dir, exist_ok=True)
-        write_json(os.path.join(run_dir, "config.json"), asdict(args))
+        if not ckpt:
+            atomic_save(asdict(args), os.path.join(run_dir, "config.json"))
     except OSError as e:
         fail(f"cannot write the run directory {run_dir}: {e.strerror}; pass a writable --runs-dir")
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    if not ckpt:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     ref = reference_scores(dataset)
-    score_tag = ref[2] if ref else None
-    log(f"{args.dataset_id}: {num_transitions} transitions, obs {obs_dim}, actions {act_dim}, device {device}, run {run_dir}")
+    log(f"{args.dataset_id}: {num_transitions} transitions, obs {obs_dim}, actions {act_dim}, device {device}, run {run_dir}"
+        + (f", resuming {ckpt['phase']} at update {ckpt['step']}" if ckpt else ""))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))
+    run = {key: ckpt[key] for key in ("args", "phase", "step", "history", "mu_eval")} if ckpt else \
+        {"args": asdict(args), "phase": "behavior", "step": 0, "history": [], "mu_eval": None}
 
     # --- behavior model mu(a|s): pretrain, or load ---
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    perm = torch.randperm(num_transitions, generator=generator).to(device)
+    perm = torch.randperm(num_transitions, generator=torch.Generator().manual_seed(args.seed)).to(device)
     num_holdout = min(int(args.behavior_holdout * num_transitions), 10_000)
     holdout_idx, train_idx = perm[:num_holdout], perm[num_holdout:]
     if args.behavior_path:
@@ -541,74 +725,64 @@ def main(args: Args):
             fail(str(e))
         check_behavior_meta(args)
     else:
-        preset = "table3" if args.preset == "table3" else "mujoco"
-        mu = BehaviorModel.from_preset(preset, obs_dim, low, high).to(device)
-        mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr)
-        progress = tqdm(range(1, args.behavior_updates + 1), desc="mu", unit="upd", mininterval=1.0)
-        for step in progress:
-            idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), device=device)]
-            nll = mu.loss(data["obs"][idx], data["actions"][idx])
-            mu_optimizer.zero_grad(set_to_none=True)
-            nll.backward()
-            mu_optimizer.step()
-            if step % args.log_every == 0 or step == args.behavior_updates:
-                writer.add_scalar("losses/behavior_nll", nll.item(), step)
-                progress.set_postfix(nll=f"{nll.item():.3f}")
-    mu.eval().requires_grad_(False)
-    mu.save(os.path.join(run_dir, "mu.pt"))
-    write_json(os.path.join(run_dir, "mu.json"), {"dataset_id": args.dataset_id, "normalize_obs": args.normalize_obs})
-    if num_holdout:
+        mu = BehaviorModel.from_preset("table3" if args.preset == "table3" else "mujoco", obs_dim, low, high).to(device)
+    if ckpt:
+        mu.load_state_dict(ckpt["mu"])
+    envs, obs_space = make_eval_envs(dataset, args.eval_episodes), dataset.observation_space
+    if run["phase"] == "behavior":
+        if not args.behavior_path:
+            mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr)
+            if ckpt:
+                mu_optimizer.load_state_dict(ckpt["mu_optimizer"])
+                set_rng_state(ckpt["rng"])
+            pretrain_behavior(args, mu, mu_optimizer, data, train_idx, writer, run,
+                              lambda: save_checkpoint(run_dir, run, mu, mu_optimizer), run_dir)
+        mu.eval().requires_grad_(False)
+        mu.save(os.path.join(run_dir, "mu.pt"))
+        atomic_save({"dataset_id": args.dataset_id, "normalize_obs": args.normalize_obs}, os.path.join(run_dir, "mu.json"))
         with torch.no_grad():
-            heldout = -torch.cat([mu.log_prob(data["obs"][i], data["actions"][i]) for i in holdout_idx.split(4096)]).mean().item()
-        writer.add_scalar("eval/behavior_heldout_nll", heldout, 0)
-
-    # --- mu alone (the behavior-cloning baseline, the paper's mu(a|s) column) ---
-    envs = make_eval_envs(dataset, args.eval_episodes)
-    obs_space = dataset.observation_space
-    mu_returns = evaluate(lambda o: mu.sample(o, 1)[:, 0], envs, obs_space, normalize, args.eval_seed, device)
-    mu_score = normalized(mu_returns, ref)
-    writer.add_scalar("eval/behavior_return", mu_returns.mean(), 0)
-    if ref:
-        writer.add_scalar(f"eval/behavior_{score_tag}", mu_score, 0)
-    log(f"mu alone: return {mu_returns.mean():.1f} ± {mu_returns.std():.1f}" + (f", {score_tag} {mu_score:.1f}" if ref else ""))
+            heldout = [-mu.log_prob(data["obs"][i], data["actions"][i]) for i in holdout_idx.split(4096)]
+        if heldout:
+            writer.add_scalar("eval/behavior_heldout_nll", torch.cat(heldout).mean().item(), 0)
+        # mu alone: the behavior-cloning baseline (the paper's mu(a|s) column), before any EMaQ training
+        mu_returns = evaluate(lambda o: mu.sample(o, 1)[:, 0], envs, obs_space, normalize, args.eval_seed, device)
+        run["mu_eval"] = {"returns": mu_returns.tolist(), "score": normalized(mu_returns, ref)}
+        writer.add_scalar("eval/behavior_return", mu_returns.mean(), 0)
+        if ref:
+            writer.add_scalar(f"eval/behavior_{ref[2]}", run["mu_eval"]["score"], 0)
+        run["phase"], run["step"] = "emaq", 0
+    mu.eval().requires_grad_(False)
+    mu_return, mu_score = float(np.mean(run["mu_eval"]["returns"])), run["mu_eval"]["score"]
+    log(f"mu alone: return {mu_return:.1f}" + (f", {ref[2]} {mu_score:.1f}" if ref else ""))
 
     # --- EMaQ: Q ensemble trained with the target of eq. 11 ---
     q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
     q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr)
+    if ckpt and ckpt["phase"] == "emaq":
+        q_ensemble.load_state_dict(ckpt["q_ensemble"])
+        q_target.load_state_dict(ckpt["q_target"])
+        q_optimizer.load_state_dict(ckpt["q_optimizer"])
+        set_rng_state(ckpt["rng"])
     policy = lambda o: test_time_policy(mu, q_ensemble, o, args.num_samples, args.test_ensemble_lambda)  # noqa: E731
-    history, last_log_time, last_log_step = [], time.time(), 0
-    progress = tqdm(range(1, args.total_updates + 1), desc="EMaQ", unit="upd", mininterval=1.0)
-    for step in progress:
-        metrics = emaq_update(data, mu, q_ensemble, q_target, q_optimizer, args)
-        if step % args.log_every == 0 or step == args.total_updates:
-            values = {k: v.item() for k, v in metrics.items()}  # the only host sync: once per log interval
-            if not all(np.isfinite(list(values.values()))):
-                fail(f"non-finite loss or Q values at update {step} ({values}); lower --q-lr or check the rewards")
-            for key, value in values.items():
-                writer.add_scalar(f"losses/{key}", value, step)
-            writer.add_scalar("charts/SPS", (step - last_log_step) / (time.time() - last_log_time), step)
-            last_log_time, last_log_step = time.time(), step
-        if step % args.eval_every == 0 or step == args.total_updates:
-            returns = evaluate(policy, envs, obs_space, normalize, args.eval_seed, device)
-            score = normalized(returns, ref)
-            history.append((step, returns.mean(), score))
-            writer.add_scalar("eval/episodic_return", returns.mean(), step)
-            writer.add_scalar("eval/episodic_return_std", returns.std(), step)
-            if ref:
-                writer.add_scalar(f"eval/{score_tag}", score, step)
-            progress.set_postfix(ret=f"{returns.mean():.0f}", **({"score": f"{score:.1f}"} if ref else {}))
+    train_emaq(args, data, mu, q_ensemble, q_target, q_optimizer,
+               lambda: evaluate(policy, envs, obs_space, normalize, args.eval_seed, device), writer, run,
+               lambda: save_checkpoint(run_dir, run, mu, None, q_ensemble, q_target, q_optimizer), run_dir, ref)
     if args.delta_ns:
         compute_delta(args, run_dir, writer, mu, q_ensemble, envs, obs_space, normalize, data["obs"], device)
     envs.close()
 
     if args.save_model:
-        save_run(run_dir, args, mu, q_ensemble, q_target, q_optimizer, obs_mean, obs_std, args.total_updates)
-    summary = {"dataset_id": args.dataset_id, "mu_return": float(mu_returns.mean()), "mu_score": mu_score, "score_tag": score_tag,
-               "history": [(s, float(r), sc) for s, r, sc in history]}
-    write_json(os.path.join(run_dir, "summary.json"), summary)
+        mu.save(os.path.join(run_dir, "mu.pt"))
+        atomic_save({"q_ensemble": q_ensemble.state_dict(), "q_target": q_target.state_dict(), "q_optimizer": q_optimizer.state_dict(),
+                     "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(), "step": args.total_updates}, os.path.join(run_dir, "model.pt"))
+    run["phase"] = "done"
+    save_checkpoint(run_dir, run, mu, None, q_ensemble, q_target, q_optimizer)
+    summary = {"dataset_id": args.dataset_id, "mu_return": mu_return, "mu_score": mu_score, "score_tag": ref[2] if ref else None,
+               "history": run["history"]}
+    atomic_save(summary, os.path.join(run_dir, "summary.json"))
     writer.close()
-    print(one_line_summary(args.dataset_id, mu_returns.mean(), mu_score, history, run_dir))
+    print(one_line_summary(args.dataset_id, mu_return, mu_score, run["history"], run_dir))
     return summary
 
 
