@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import torch
@@ -213,12 +212,10 @@ class BehaviorModel(nn.Module):
     # ----- saving and loading --------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Write weights and constructor configuration to one file, atomically (temporary file + rename)."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_mu_")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
         try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"format": "emaq-behavior-model-v1", "config": self.config, "state_dict": self.state_dict()}, f)
+            torch.save({"format": "emaq-behavior-model-v1", "config": self.config, "state_dict": self.state_dict()}, tmp)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
