@@ -7,8 +7,11 @@ online; M = 50,000 is the paper's deployment-efficient setting. Docs: README.md.
 """
 
 import copy
+import dataclasses
+import json
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -98,6 +101,10 @@ class Args:
     """write mu, the Q ensemble, its targets and the config into the run directory at the end"""
     save_dataset: Optional[str] = None
     """write every collected transition as a Minari dataset with this id (emaq_offline.py --dataset-id trains on it)"""
+    checkpoint_every: int = 50_000
+    """write the full state (models, optimizers, replay buffer, RNGs, environments) every this many env steps + updates"""
+    resume: Optional[str] = None
+    """continue the run in this run directory from its last checkpoint"""
 
 
 # D4RL's reference returns (random policy, expert), attached to saved datasets of these environment families.
@@ -129,13 +136,14 @@ def check_args(args: Args):
         (args.num_qs < 1, f"--num-qs (K) must be >= 1, got {args.num_qs}"),
         (not 0 <= args.ensemble_lambda <= 1 or not 0 <= args.test_ensemble_lambda <= 1, "--ensemble-lambda and --test-ensemble-lambda must lie in [0, 1]"),
         (args.temperature <= 0, f"--temperature must be > 0, got {args.temperature}"),
+        (args.checkpoint_every < 1, "--checkpoint-every must be >= 1"),
         (min(args.num_envs, args.batch_size, args.buffer_size, args.eval_every, args.eval_episodes, args.log_every, args.q_hidden, args.q_layers) < 1,
          "--num-envs, --batch-size, --buffer-size, --eval-every, --eval-episodes, --log-every, --q-hidden and --q-layers must be >= 1"),
     ]
     for bad, message in problems:
         if bad:
             fail(message)
-    if args.save_dataset:
+    if args.save_dataset and not args.resume:
         import minari
         from minari.dataset.minari_dataset import DATASET_ID_RE
 
@@ -342,7 +350,126 @@ def save_minari_dataset(dataset_id: str, buf, env_id: str, num_envs: int):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Checkpoints: models, optimizers, replay buffer, RNGs and the environments' exact state
+# ---------------------------------------------------------------------------------------------------
+STOP = {"signal": None}  # set by SIGINT/SIGTERM; the loop checkpoints and exits at the next step
+
+
+def atomic_save(obj, path: str):
+    """Write a temporary file beside `path`, then rename it: a crash or a full disk never leaves a torn file."""
+    tmp = f"{path}.tmp"
+    try:
+        if path.endswith(".json"):
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=2)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, torch.tensor(py_state), py_gauss]}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((state["python"][0], tuple(state["python"][1].tolist()), state["python"][2]))
+
+
+def env_state(envs) -> dict:
+    """The vector env's exact state: MuJoCo's integration state (mj_getState), time limits, RNGs, autoreset flags,
+    episode statistics. Non-MuJoCo environments keep their RNGs only; their running episodes restart on resume."""
+    import mujoco
+
+    subs = []
+    for env in envs.env.envs:
+        u, sub = env.unwrapped, {"np_random": json.dumps(env.unwrapped.np_random.bit_generator.state)}
+        if hasattr(u, "model") and hasattr(u, "data"):
+            full = np.empty(mujoco.mj_stateSize(u.model, mujoco.mjtState.mjSTATE_INTEGRATION))
+            mujoco.mj_getState(u.model, u.data, full, mujoco.mjtState.mjSTATE_INTEGRATION)
+            sub["mujoco"] = torch.from_numpy(full)
+        wrapper = env
+        while isinstance(wrapper, gym.Wrapper):
+            if isinstance(wrapper, gym.wrappers.TimeLimit):
+                sub["elapsed_steps"] = int(wrapper._elapsed_steps)
+            wrapper = wrapper.env
+        subs.append(sub)
+    return {"subs": subs, "autoreset": torch.from_numpy(envs.env._autoreset_envs.copy()),
+            "episode_returns": torch.from_numpy(envs.episode_returns.copy()), "episode_lengths": torch.from_numpy(envs.episode_lengths.copy()),
+            "prev_dones": torch.from_numpy(envs.prev_dones.copy()), "episode_count": int(envs.episode_count),
+            "action_space": json.dumps(envs.action_space.np_random.bit_generator.state)}
+
+
+def set_env_state(envs, state: dict) -> bool:
+    """Restore env_state(); returns False when a running episode could not be restored exactly (not MuJoCo)."""
+    import mujoco
+
+    exact = True
+    for env, sub in zip(envs.env.envs, state["subs"]):
+        u = env.unwrapped
+        u.np_random.bit_generator.state = json.loads(sub["np_random"])
+        if "mujoco" in sub:
+            mujoco.mj_setState(u.model, u.data, sub["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
+        else:
+            exact = False
+        wrapper = env
+        while isinstance(wrapper, gym.Wrapper):
+            if isinstance(wrapper, gym.wrappers.TimeLimit):
+                wrapper._elapsed_steps = sub["elapsed_steps"]
+            wrapper = wrapper.env
+    envs.env._autoreset_envs[:] = state["autoreset"].numpy()
+    envs.episode_returns[:], envs.episode_lengths[:] = state["episode_returns"].numpy(), state["episode_lengths"].numpy()
+    envs.prev_dones[:], envs.episode_count = state["prev_dones"].numpy(), state["episode_count"]
+    envs.action_space.np_random.bit_generator.state = json.loads(state["action_space"])
+    return exact
+
+
+def resolve_resume(args: Args):
+    """--resume takes the saved run's config and checkpoint; any other flag that disagrees with it is refused."""
+    if not args.resume:
+        return args, None
+    try:
+        with open(os.path.join(args.resume, "config.json")) as f:
+            saved = Args(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"{args.resume} is not a run directory of emaq_online.py ({e}); pass runs/<run name>")
+    defaults = Args()
+    conflicts = [f"--{f.name.replace('_', '-')} {getattr(args, f.name)} (the run has {getattr(saved, f.name)})"
+                 for f in dataclasses.fields(Args) if f.name not in ("resume", "cuda")
+                 and getattr(args, f.name) not in (getattr(defaults, f.name), getattr(saved, f.name))]
+    if conflicts:
+        fail(f"cannot resume {args.resume} with " + ", ".join(conflicts) + ": resume without those flags, or start a new run")
+    path = os.path.join(args.resume, "checkpoint.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("loop", "envs", "buffer", "rng", "mu", "q_ensemble") if k not in ckpt]
+        if missing:
+            raise KeyError(f"missing {missing}")
+    except FileNotFoundError:
+        fail(f"{args.resume} has no checkpoint.pt to resume from: start a new run")
+    except Exception as e:
+        fail(f"{path} is truncated or not a checkpoint of emaq_online.py ({type(e).__name__}); nothing was overwritten: "
+             f"resume from a copy of the run, or start a new run")
+    if ckpt["loop"]["done"]:
+        fail(f"the run in {args.resume} already finished; start a new run")
+    return dataclasses.replace(saved, resume=args.resume, cuda=args.cuda), ckpt
+
+
+# ---------------------------------------------------------------------------------------------------
 def main(args: Args):
+    args, ckpt = resolve_resume(args)
     check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -351,82 +478,126 @@ def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     envs = make_envs(args.env_id, args.num_envs, args.seed)
+    envs.action_space.seed(args.seed)
     eval_envs = make_envs(args.env_id, args.eval_episodes, args.eval_seed)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = action_bounds(envs.single_action_space)
     buf = make_buffer(min(args.buffer_size, args.total_steps), obs_dim, act_dim, device)
 
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
+    run_dir = args.resume or os.path.join(args.runs_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     try:
         os.makedirs(run_dir, exist_ok=True)
+        if not ckpt:
+            atomic_save(asdict(args), os.path.join(run_dir, "config.json"))
     except OSError as e:
         fail(f"cannot write the run directory {run_dir}: {e.strerror}; pass a writable --runs-dir")
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    if not ckpt:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     log(f"{args.env_id}: obs {obs_dim}, actions {act_dim}, M={args.trajectory_batch_size}, N={args.num_samples}, "
-        f"temperature {args.temperature}, device {device}, run {run_dir}")
+        f"temperature {args.temperature}, device {device}, run {run_dir}" + (f", resuming at step {ckpt['loop']['global_step']}" if ckpt else ""))
 
     mu = BehaviorModel.from_preset(args.behavior_preset, obs_dim, low, high).to(device)
     mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr)
     q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
     q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr)
+    models = {"mu": mu, "mu_optimizer": mu_optimizer, "q_ensemble": q_ensemble, "q_target": q_target, "q_optimizer": q_optimizer}
 
+    # The loop is a sequence of work items: one environment step while collecting a cycle of M steps, then one
+    # update per collected step. `loop` holds where it stands, so a checkpoint can be taken between any two items.
+    loop = {"global_step": 0, "num_updates": 0, "collected": 0, "pending_updates": 0, "work": 0, "next_eval": args.eval_every,
+            "history": [], "done": False}
     obs, _ = envs.reset(seed=args.seed)
-    autoreset = np.zeros(args.num_envs, dtype=bool)
-    global_step, num_updates, next_eval, history, start_time = 0, 0, args.eval_every, [], time.time()
-    progress = tqdm(total=args.total_steps, desc="env steps", unit="step", mininterval=1.0)
-    while global_step < args.total_steps:
-        # --- collect M environment steps with the current policy, frozen while it collects ---
-        collected = 0
-        while collected < args.trajectory_batch_size and global_step < args.total_steps:
-            if global_step < args.learning_starts:
+    if ckpt:
+        for key, module in models.items():
+            module.load_state_dict(ckpt[key])
+        for key, value in ckpt["buffer"].items():
+            buf[key] = value.to(device) if torch.is_tensor(value) else value
+        loop, obs = ckpt["loop"], ckpt["obs"].numpy()
+        if not set_env_state(envs, ckpt["envs"]):
+            log("note: this environment's running episodes cannot be restored exactly (not MuJoCo); they restart")
+            obs, _ = envs.reset(seed=args.seed + loop["global_step"])
+        set_rng_state(ckpt["rng"])
+
+    def checkpoint():
+        state = {key: module.state_dict() for key, module in models.items()}
+        state.update(loop=loop, obs=torch.from_numpy(obs), envs=env_state(envs), rng=rng_state(), args=asdict(args),
+                     buffer={k: v for k, v in buf.items()})
+        try:
+            atomic_save(state, os.path.join(run_dir, "checkpoint.pt"))
+            atomic_save({"global_step": loop["global_step"], "num_updates": loop["num_updates"]}, os.path.join(run_dir, "checkpoint.json"))
+        except OSError as e:
+            fail(f"could not write a checkpoint into {run_dir} ({e.strerror}); the previous one is intact: free some space, "
+                 f"then resume with: python emaq_online.py --resume {run_dir}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))
+    start_time, start_step = time.time(), loop["global_step"]
+    progress = tqdm(total=args.total_steps, initial=loop["global_step"], desc="env steps", unit="step", mininterval=1.0)
+    while loop["global_step"] < args.total_steps or loop["pending_updates"] > 0:
+        if loop["pending_updates"] > 0:  # --- M updates of mu and of the Q ensemble, after each cycle ---
+            metrics = update(buf, mu, mu_optimizer, q_ensemble, q_target, q_optimizer, args)
+            loop["num_updates"] += 1
+            loop["pending_updates"] -= 1
+            if loop["num_updates"] % args.log_every == 0:
+                values = {k: v.item() for k, v in metrics.items()}  # host sync once per log interval
+                if not all(np.isfinite(list(values.values()))):
+                    fail(f"non-finite loss or Q values by update {loop['num_updates']} ({values}); the last checkpoint is in {run_dir}: "
+                         f"resume from it with a lower --q-lr, or check the rewards")
+                for key, value in values.items():
+                    writer.add_scalar(f"losses/{key}", value, loop["global_step"])
+                writer.add_scalar("charts/SPS", (loop["global_step"] - start_step) / (time.time() - start_time), loop["global_step"])
+        else:  # --- collect one step of the cycle with the current policy, frozen while it collects ---
+            if loop["global_step"] < args.learning_starts:
                 actions = envs.action_space.sample()
             else:
                 actions = explore(mu, q_ensemble, torch.as_tensor(obs, dtype=torch.float32, device=device), args).cpu().numpy()
-            next_obs, autoreset, real, infos = step_and_store(envs, obs, actions, autoreset, buf)
-            for i in np.nonzero(autoreset & real & infos.get("_episode", np.zeros_like(real)))[0]:
-                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
-            obs = next_obs
-            global_step += int(real.sum())
-            collected += int(real.sum())
+            # the vector env's own flags say which sub-envs this step resets (restored exactly on resume)
+            obs, ended, real, infos = step_and_store(envs, obs, actions, envs.env._autoreset_envs.copy(), buf)
+            for i in np.nonzero(ended & real & infos.get("_episode", np.zeros_like(real)))[0]:
+                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], loop["global_step"])
+            loop["global_step"] += int(real.sum())
+            loop["collected"] += int(real.sum())
             progress.update(int(real.sum()))
-            if global_step >= next_eval:
+            if loop["global_step"] >= loop["next_eval"]:
                 returns = evaluate(lambda o: test_time_policy(mu, q_ensemble, o, args), eval_envs, args.eval_seed, device)
-                history.append([global_step, float(returns.mean())])
-                writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-                writer.add_scalar("eval/episodic_return_std", returns.std(), global_step)
+                loop["history"].append([loop["global_step"], float(returns.mean())])
+                writer.add_scalar("eval/episodic_return", returns.mean(), loop["global_step"])
+                writer.add_scalar("eval/episodic_return_std", returns.std(), loop["global_step"])
                 progress.set_postfix(ret=f"{returns.mean():.0f}")
-                next_eval += args.eval_every
-        # --- then M updates of mu and of the Q ensemble ---
-        if global_step >= args.learning_starts and buf["size"] >= args.batch_size:
-            for _ in range(collected):
-                metrics = update(buf, mu, mu_optimizer, q_ensemble, q_target, q_optimizer, args)
-                num_updates += 1
-                if num_updates % args.log_every == 0:
-                    values = {k: v.item() for k, v in metrics.items()}  # host sync once per log interval
-                    if not all(np.isfinite(list(values.values()))):
-                        fail(f"non-finite loss or Q values at update {num_updates} ({values}); lower --q-lr or check the rewards")
-                    for key, value in values.items():
-                        writer.add_scalar(f"losses/{key}", value, global_step)
-                    writer.add_scalar("charts/SPS", global_step / (time.time() - start_time), global_step)
+                loop["next_eval"] += args.eval_every
+            if loop["collected"] >= args.trajectory_batch_size or loop["global_step"] >= args.total_steps:
+                learning = loop["global_step"] >= args.learning_starts and buf["size"] >= args.batch_size
+                loop["pending_updates"], loop["collected"] = (loop["collected"] if learning else 0), 0
+        loop["work"] += 1
+        if loop["work"] % args.checkpoint_every == 0:
+            checkpoint()
+        if STOP["signal"] is not None:
+            checkpoint()
+            log(f"stopped by signal {STOP['signal']} at env step {loop['global_step']}, update {loop['num_updates']}: checkpoint written. "
+                f"Resume with: python emaq_online.py --resume {run_dir}")
+            sys.exit(130)
     progress.close()
-    envs.close()
-    eval_envs.close()
 
     if args.save_model:
         mu.save(os.path.join(run_dir, "mu.pt"))
-        torch.save({"q_ensemble": q_ensemble.state_dict(), "q_target": q_target.state_dict(), "config": asdict(args)},
-                   os.path.join(run_dir, "model.pt"))
+        atomic_save({"q_ensemble": q_ensemble.state_dict(), "q_target": q_target.state_dict(), "config": asdict(args)},
+                    os.path.join(run_dir, "model.pt"))
     if args.save_dataset:
         steps, episodes = save_minari_dataset(args.save_dataset, buf, args.env_id, args.num_envs)
         log(f"saved {steps} transitions in {episodes} episodes as Minari dataset {args.save_dataset}")
+    loop["done"] = True
+    checkpoint()
+    envs.close()
+    eval_envs.close()
+    atomic_save({"env_id": args.env_id, "history": loop["history"], "num_updates": loop["num_updates"]}, os.path.join(run_dir, "summary.json"))
     writer.close()
+    history = loop["history"]
     last = f"{history[-1][1]:.1f}" if history else "n/a"
     best = f"{max(h[1] for h in history):.1f}" if history else "n/a"
-    print(f"{args.env_id} | {global_step} env steps, {num_updates} updates | eval return last {last} | best {best} | {run_dir}")
-    return {"history": history, "num_updates": num_updates}
+    print(f"{args.env_id} | {loop['global_step']} env steps, {loop['num_updates']} updates | eval return last {last} | best {best} | {run_dir}")
+    return {"history": history, "num_updates": loop["num_updates"]}
 
 
 if __name__ == "__main__":

@@ -208,3 +208,57 @@ def test_impossible_target_memory_is_refused_up_front(tmp_path):
     result = run_script("emaq_offline.py", *DATASET, "--runs-dir", str(tmp_path), *TINY, "--num-samples", "100000",
                         "--target-memory-gb", "0.001")
     assert_clean_failure(result, "GiB per state for N=100000", "lower --num-samples")
+
+
+# ----- online -----------------------------------------------------------------------------------------
+ONLINE = ["--env-id", "InvertedPendulum-v5", "--total-steps", "500", "--learning-starts", "100", "--eval-every", "250",
+          "--eval-episodes", "2", "--behavior-preset", "table3", "--num-qs", "2", "--q-hidden", "32", "--q-layers", "2",
+          "--num-samples", "8", "--batch-size", "32", "--log-every", "50", "--checkpoint-every", "40", "--save-model",
+          "--trajectory-batch-size", "30", "--num-envs", "2"]
+
+
+def online_final(run_dir):
+    model = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
+    mu = torch.load(os.path.join(run_dir, "mu.pt"), weights_only=True)["state_dict"]
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    return model, mu, summary
+
+
+def assert_same_online_run(a, b):
+    (model_a, mu_a, sum_a), (model_b, mu_b, sum_b) = online_final(a), online_final(b)
+    assert sum_a == sum_b and len(sum_a["history"]) == 2
+    for part in ("q_ensemble", "q_target"):
+        for key in model_a[part]:
+            torch.testing.assert_close(model_a[part][key], model_b[part][key], rtol=0, atol=1e-6)
+    for key in mu_a:
+        torch.testing.assert_close(mu_a[key], mu_b[key], rtol=0, atol=1e-6)
+
+
+def test_online_run_killed_mid_episode_resumes_exactly(tmp_path):
+    first = run_script("emaq_online.py", *ONLINE, "--runs-dir", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_script("emaq_online.py", *ONLINE, "--runs-dir", str(tmp_path / "b"))
+    assert_same_online_run(only_run(str(tmp_path / "a")), only_run(str(tmp_path / "b")))  # same seed, same run
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "emaq_online.py", *ONLINE, "--runs-dir", str(tmp_path / "c")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    target = random.randint(150, 350)  # somewhere after learning started, mid-episode in general
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        metas = [json.load(open(p)) for p in glob.glob(str(tmp_path / "c" / "*" / "checkpoint.json"))]
+        if metas and metas[0]["global_step"] >= target:
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.005)
+    time.sleep(random.uniform(0, 0.05))
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    run_dir = only_run(str(tmp_path / "c"))
+    resumed = run_script("emaq_online.py", "--resume", run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step" in resumed.stderr
+    assert_same_online_run(only_run(str(tmp_path / "a")), run_dir)
+    assert_clean_failure(run_script("emaq_online.py", "--resume", run_dir), "already finished")
+    assert_clean_failure(run_script("emaq_online.py", "--resume", run_dir, "--env-id", "Hopper-v5"), "cannot resume", "--env-id Hopper-v5")
