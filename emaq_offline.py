@@ -88,6 +88,8 @@ class Args:
     """'max': the EMaQ backup; 'soft': the softmax-weighted average over the N samples (Appendix J)"""
     soft_alpha: float = 10.0
     """alpha of the soft backup, weights softmax(alpha * Q) (Appendix J, eq. 74)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """matmul precision of the mu and Q updates; bf16 autocasts them (losses, softmax and optimizer stay fp32)"""
 
     # Evaluation, logging, saving
     eval_every: int = 5_000
@@ -346,6 +348,11 @@ class QEnsemble(nn.Module):
         return torch.baddbmm(self.b_out, x, self.w_out).view(k, batch, n)
 
 
+def autocast(precision: str, device):
+    """bf16 autocast for the matmuls, or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:
     """Ensemble / TestEnsemble over the K members (dim 0): lambda * min + (1 - lambda) * max."""
     return lam * q_values.min(0).values + (1 - lam) * q_values.max(0).values
@@ -391,8 +398,9 @@ def emaq_update(data, mu, q_ensemble, q_target, q_optimizer, args: Args, states_
     """One Q-ensemble update on a minibatch drawn on the device. Returns device tensors (no host sync)."""
     idx = torch.randint(len(data["obs"]), (args.batch_size,), device=data["obs"].device)
     obs, actions, rewards, next_obs, terminals = (data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals"))
-    target = emaq_target(mu, q_target, rewards, next_obs, terminals, args, states_per_chunk)
-    q = q_ensemble(obs, actions.unsqueeze(1)).squeeze(-1)  # [K, B]
+    with autocast(args.precision, obs.device):
+        target = emaq_target(mu, q_target, rewards, next_obs, terminals, args, states_per_chunk).float()
+        q = q_ensemble(obs, actions.unsqueeze(1)).squeeze(-1).float()  # [K, B]
     # eq. 10: each member's mean squared error, summed over members (members train independently)
     loss = ((q - target) ** 2).mean(1).sum()
     q_optimizer.zero_grad(set_to_none=True)
@@ -614,7 +622,8 @@ def pretrain_behavior(args, mu, mu_optimizer, data, train_idx, writer, run, chec
                     initial=run["step"], total=args.behavior_updates)
     for step in progress:
         idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), device=train_idx.device)]
-        nll = mu.loss(data["obs"][idx], data["actions"][idx])
+        with autocast(args.precision, idx.device):
+            nll = mu.loss(data["obs"][idx], data["actions"][idx])
         mu_optimizer.zero_grad(set_to_none=True)
         nll.backward()
         mu_optimizer.step()

@@ -235,3 +235,25 @@ def test_behavior_path_for_other_shapes_is_refused(tmp_path, hopper_env):
     result = run_script("emaq_offline.py", "--dataset-id", "test/hopper-mixed-v0", "--runs-dir", str(tmp_path), *TINY,
                         "--behavior-path", path)
     assert_clean_failure(result, "observations of dim 5 and actions of dim 2", "observation dim 11 and action dim 3")
+
+
+def test_bf16_update_stays_within_the_stated_tolerance_of_fp32():
+    """bf16 autocast: Q values within 2% (of the largest magnitude) and the squared-error loss within 5% of fp32."""
+    torch.manual_seed(0)
+    mu = BehaviorModel(5, [-1, -1, -1], [1, 1, 1], state_hidden=64, embed_dim=64, head_hidden=64, head_layers=2, num_bins=20)
+    q = eo.QEnsemble(5, 3, 4, hidden=128, layers=3)
+    obs, actions = torch.randn(64, 5), mu.sample(torch.randn(64, 5), 10)
+    exact = q(obs, actions)
+    with eo.autocast("bf16", torch.device("cpu")):
+        approx = q(obs, actions).float()
+    assert (approx - exact).abs().max() < 0.02 * exact.abs().max()
+    target = exact.min(0).values.max(-1).values.detach() + 0.1 * torch.randn(64)  # the same target for both
+    loss = ((exact[:, :, 0] - target) ** 2).mean(1).sum()
+    loss_bf16 = ((approx[:, :, 0] - target) ** 2).mean(1).sum()
+    assert abs(loss_bf16 - loss) < 0.05 * loss
+    # and a whole update runs in bf16 with finite, fp32 outputs
+    data = {"obs": torch.randn(500, 5), "actions": torch.rand(500, 3) * 2 - 1, "rewards": torch.randn(500),
+            "next_obs": torch.randn(500, 5), "terminals": torch.zeros(500)}
+    metrics = eo.emaq_update(data, mu, q, eo.QEnsemble(5, 3, 4, hidden=128, layers=3), torch.optim.Adam(q.parameters()),
+                             eo.Args(num_samples=8, num_qs=4, batch_size=32, precision="bf16"))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in metrics.values())
