@@ -278,7 +278,24 @@ def test_time_policy(mu, q_ensemble, obs, args: Args) -> torch.Tensor:
     return candidates[torch.arange(len(obs), device=obs.device), scores.argmax(-1)]
 
 
-def update(buf, mu, mu_optimizer, q_ensemble, q_target, q_optimizer, args: Args) -> dict:
+def target_states_per_chunk(args: Args, mu: BehaviorModel, device) -> int:
+    """How many next states the target may process at once (half the free memory); refuse up front if not one fits."""
+    per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + 4 * mu.config["head_hidden"] + 3 * mu.num_bins)  # bytes
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] / 2
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                budget = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable")) / 2
+        except (OSError, StopIteration):
+            budget = 4 * 2**30
+    if per_state > budget:
+        fail(f"the EMaQ target needs {per_state / 2**30:.2f} GiB per state for N={args.num_samples}, K={args.num_qs}, "
+             f"q_hidden={args.q_hidden}, more than the {budget / 2**30:.2f} GiB budget: lower --num-samples or --num-qs")
+    return int(min(args.batch_size, budget // per_state))
+
+
+def update(buf, mu, mu_optimizer, q_ensemble, q_target, q_optimizer, args: Args, states_per_chunk=None) -> dict:
     """One maximum-likelihood step of mu and one EMaQ step of the Q ensemble (eqs. 10-11), on replay batches."""
     obs, actions, *_ = buffer_sample(buf, args.batch_size)
     nll = mu.loss(obs, actions)  # online, mu tracks the mixture of the policies that filled the buffer
@@ -287,9 +304,10 @@ def update(buf, mu, mu_optimizer, q_ensemble, q_target, q_optimizer, args: Args)
     mu_optimizer.step()
 
     obs, actions, rewards, next_obs, terminals = buffer_sample(buf, args.batch_size)
-    with torch.no_grad():  # eq. 11, with N samples of mu at temperature 1
-        values = ensemble(q_target(next_obs, mu.sample(next_obs, args.num_samples)), args.ensemble_lambda)
-        target = rewards + args.gamma * (1 - terminals) * values.max(-1).values
+    with torch.no_grad():  # eq. 11, with N samples of mu at temperature 1, a chunk of next states at a time if needed
+        backup = torch.cat([ensemble(q_target(chunk, mu.sample(chunk, args.num_samples)), args.ensemble_lambda).max(-1).values
+                            for chunk in next_obs.split(states_per_chunk or len(next_obs))])
+        target = rewards + args.gamma * (1 - terminals) * backup
     q = q_ensemble(obs, actions.unsqueeze(1)).squeeze(-1)
     loss = ((q - target) ** 2).mean(1).sum()  # eq. 10, summed over independent members
     q_optimizer.zero_grad(set_to_none=True)
@@ -502,6 +520,7 @@ def main(args: Args):
     q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
     q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr)
+    states_per_chunk = target_states_per_chunk(args, mu, device)
     models = {"mu": mu, "mu_optimizer": mu_optimizer, "q_ensemble": q_ensemble, "q_target": q_target, "q_optimizer": q_optimizer}
 
     # The loop is a sequence of work items: one environment step while collecting a cycle of M steps, then one
@@ -537,7 +556,7 @@ def main(args: Args):
     progress = tqdm(total=args.total_steps, initial=loop["global_step"], desc="env steps", unit="step", mininterval=1.0)
     while loop["global_step"] < args.total_steps or loop["pending_updates"] > 0:
         if loop["pending_updates"] > 0:  # --- M updates of mu and of the Q ensemble, after each cycle ---
-            metrics = update(buf, mu, mu_optimizer, q_ensemble, q_target, q_optimizer, args)
+            metrics = update(buf, mu, mu_optimizer, q_ensemble, q_target, q_optimizer, args, states_per_chunk)
             loop["num_updates"] += 1
             loop["pending_updates"] -= 1
             if loop["num_updates"] % args.log_every == 0:

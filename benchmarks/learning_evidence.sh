@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The learning-evidence runs reported in the README, in the CPU-sized configurations we could afford.
+# Each seed runs single-threaded; three seeds share a 2-core machine. Results: benchmarks/summarize_runs.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+RUNS=${RUNS:-runs/evidence}
+
+# Offline, random HalfCheetah-v5 (the default dataset), N = 5. One mu (seed 1) is pretrained, then reused by
+# every seed, as the paper does for a sweep.
+python emaq_offline.py --num-samples 5 --preset table3 --num-qs 4 --q-hidden 256 --q-layers 3 --batch-size 256 \
+    --behavior-updates 20000 --total-updates 0 --runs-dir "$RUNS/mu" --exp-name mu_only --delta-ns
+MU=$(ls -d "$RUNS"/mu/*/ | head -n 1)mu.pt
+for seed in 1 2 3; do
+  python emaq_offline.py --num-samples 5 --preset table3 --num-qs 4 --q-hidden 256 --q-layers 3 --batch-size 256 \
+      --behavior-path "$MU" --behavior-updates 0 --total-updates 30000 --eval-every 5000 --eval-episodes 5 \
+      --checkpoint-every 5000 --runs-dir "$RUNS/offline" --exp-name evidence_cpu --seed $seed &
+done
+wait
+
+# Online, InvertedPendulum-v5, fully online (M = 1).
+for seed in 1 2 3; do
+  python emaq_online.py --env-id InvertedPendulum-v5 --total-steps 15000 --learning-starts 1000 --eval-every 1000 \
+      --eval-episodes 5 --behavior-preset table3 --num-qs 4 --q-hidden 256 --q-layers 2 --num-samples 10 \
+      --seed $seed --runs-dir "$RUNS/online" --exp-name evidence_cpu &
+done
+wait
+python benchmarks/summarize_runs.py "$RUNS" --curve
