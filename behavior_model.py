@@ -93,6 +93,10 @@ class BehaviorModel(nn.Module):
         self.register_buffer("low", low)
         self.register_buffer("high", high)
         self.register_buffer("bin_width", (high - low) / num_bins)
+        # Heads read the prefix mapped to [-1, 1]: the paper's raw a[:i] when the bounds are [-1, 1], and equally
+        # well-conditioned inputs for any other bounds (a linear change, so the same family of models).
+        self.register_buffer("mid", (high + low) / 2, persistent=False)
+        self.register_buffer("half_range", (high - low) / 2, persistent=False)
 
         # State MLP: `state_layers` hidden ReLU layers, then a linear embedding h (App. G).
         layers, width = [], obs_dim
@@ -127,6 +131,7 @@ class BehaviorModel(nn.Module):
     # ----- pieces shared by training, density and sampling ---------------------------------------
     def _masked_prefix(self, actions: torch.Tensor) -> torch.Tensor:
         """Prefix features of every head from full actions [..., A] -> [..., D, P] (teacher forcing)."""
+        actions = (actions - self.mid) / self.half_range
         if self.config["prefix_dim"]:
             return torch.einsum("...a,dap->...dp", actions, self.lin_weight * self.prefix_mask) + self.lin_bias.squeeze(1)
         return actions.unsqueeze(-2) * self.prefix_mask.squeeze(-1)  # head i sees a[:i] and zeros after
@@ -188,7 +193,7 @@ class BehaviorModel(nn.Module):
             if i == 0:  # p(l_0 | s) does not depend on any sample: compute it for B states, not B*N
                 x = state_part[:, :, 0] + (self.lin_bias[0] @ self.head_prefix[0] if prefix_dim else 0)
             else:
-                prefix = actions[..., :i]  # [B, N, i]
+                prefix = (actions[..., :i] - self.mid[:i]) / self.half_range[:i]  # [B, N, i], scaled to [-1, 1]
                 if prefix_dim:  # Lin_i(a[:i]) (App. G.3)
                     prefix = torch.baddbmm(self.lin_bias[i], prefix, self.lin_weight[i, :i].expand(batch, -1, -1))
                 # state part (per state, broadcast over N) + prefix part, in one batched matmul
