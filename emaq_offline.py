@@ -141,10 +141,15 @@ def log(message: str):
     tqdm.write(message, file=sys.stderr)
 
 
+def close_progress_bars():
+    """Close open progress bars, so that the line printed next is the last one on the screen."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def fail(message: str):
     """End the run with one clear line and exit code 2; no traceback for a user's mistake."""
-    for bar in list(getattr(tqdm, "_instances", [])):  # close progress bars first: the error is the last line
-        bar.close()
+    close_progress_bars()
     log(f"error: {message}")
     sys.exit(2)
 
@@ -608,6 +613,7 @@ def resolve_resume(args: Args) -> Args:
 def stop_if_requested(run: dict, checkpoint, run_dir):
     if STOP["signal"] is not None:
         checkpoint()
+        close_progress_bars()
         log(f"stopped by signal {STOP['signal']} at {run['phase']} update {run['step']}: checkpoint written. "
             f"Resume with: python emaq_offline.py --resume {run_dir}")
         sys.exit(130)

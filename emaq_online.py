@@ -121,10 +121,15 @@ def log(message: str):
     tqdm.write(message, file=sys.stderr)
 
 
-def fail(message: str):
-    """End the run with one clear line and exit code 2; no traceback for a user's mistake."""
+def close_progress_bars():
+    """Close open progress bars, so that the line printed next is the last one on the screen."""
     for bar in list(getattr(tqdm, "_instances", [])):
         bar.close()
+
+
+def fail(message: str):
+    """End the run with one clear line and exit code 2; no traceback for a user's mistake."""
+    close_progress_bars()
     log(f"error: {message}")
     sys.exit(2)
 
@@ -594,6 +599,7 @@ def main(args: Args):
             checkpoint()
         if STOP["signal"] is not None:
             checkpoint()
+            close_progress_bars()
             log(f"stopped by signal {STOP['signal']} at env step {loop['global_step']}, update {loop['num_updates']}: checkpoint written. "
                 f"Resume with: python emaq_online.py --resume {run_dir}")
             sys.exit(130)

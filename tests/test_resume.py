@@ -104,6 +104,7 @@ def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, uni
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert f"Resume with: python emaq_offline.py --resume {run_dir}" in stderr and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("stopped by signal 15")  # the last thing on the screen
     meta = json.load(open(os.path.join(run_dir, "checkpoint.json")))
     assert meta["phase"] == "emaq" and f"update {meta['step']}" in stderr
     resumed = run_script("emaq_offline.py", "--resume", run_dir)
