@@ -459,6 +459,15 @@ def set_env_state(envs, state: dict) -> bool:
     return exact
 
 
+def last_checkpoint(run_dir) -> str:
+    try:
+        with open(os.path.join(run_dir, "checkpoint.json")) as f:
+            meta = json.load(f)
+        return f"the checkpoint {run_dir}/checkpoint.pt (env step {meta['global_step']}, update {meta['num_updates']})"
+    except (OSError, ValueError, KeyError):
+        return "no checkpoint yet"
+
+
 def resolve_resume(args: Args):
     """--resume takes the saved run's config and checkpoint; any other flag that disagrees with it is refused."""
     if not args.resume:
@@ -544,7 +553,15 @@ def main(args: Args):
             obs, _ = envs.reset(seed=args.seed + loop["global_step"])
         set_rng_state(ckpt["rng"])
 
+    first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)  # tracked on the device, read when logging
+
+    def stop_if_nonfinite():
+        if (bad := int(first_nonfinite)) >= 0:
+            fail(f"the loss or the Q values became NaN/Inf at update {bad}; the last good state is {last_checkpoint(run_dir)}: "
+                 f"resume from it with a lower --q-lr, or check the rewards")
+
     def checkpoint():
+        stop_if_nonfinite()  # never checkpoint a state that went non-finite
         state = {key: module.state_dict() for key, module in models.items()}
         state.update(loop=loop, obs=torch.from_numpy(obs), envs=env_state(envs), rng=rng_state(), args=asdict(args),
                      buffer={k: v for k, v in buf.items()})
@@ -552,7 +569,7 @@ def main(args: Args):
             atomic_save(state, os.path.join(run_dir, "checkpoint.pt"))
             atomic_save({"global_step": loop["global_step"], "num_updates": loop["num_updates"]}, os.path.join(run_dir, "checkpoint.json"))
         except OSError as e:
-            fail(f"could not write a checkpoint into {run_dir} ({e.strerror}); the previous one is intact: free some space, "
+            fail(f"could not write a checkpoint into {run_dir} ({e.strerror}); {last_checkpoint(run_dir)} is intact: free some space, "
                  f"then resume with: python emaq_online.py --resume {run_dir}")
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -564,11 +581,11 @@ def main(args: Args):
             metrics = update(buf, mu, mu_optimizer, q_ensemble, q_target, q_optimizer, args, states_per_chunk)
             loop["num_updates"] += 1
             loop["pending_updates"] -= 1
+            finite = torch.isfinite(metrics["qf_loss"]) & torch.isfinite(metrics["qf_values"]) & torch.isfinite(metrics["behavior_nll"])
+            first_nonfinite = torch.where((first_nonfinite < 0) & ~finite, loop["num_updates"], first_nonfinite)
             if loop["num_updates"] % args.log_every == 0:
-                values = {k: v.item() for k, v in metrics.items()}  # host sync once per log interval
-                if not all(np.isfinite(list(values.values()))):
-                    fail(f"non-finite loss or Q values by update {loop['num_updates']} ({values}); the last checkpoint is in {run_dir}: "
-                         f"resume from it with a lower --q-lr, or check the rewards")
+                stop_if_nonfinite()  # host syncs once per log interval
+                values = {k: v.item() for k, v in metrics.items()}
                 for key, value in values.items():
                     writer.add_scalar(f"losses/{key}", value, loop["global_step"])
                 writer.add_scalar("charts/SPS", (loop["global_step"] - start_step) / (time.time() - start_time), loop["global_step"])

@@ -110,3 +110,10 @@ def test_saved_dataset_round_trips_into_offline_training(tmp_path):
 ])
 def test_bad_input_gets_one_clear_line(tmp_path, flags, words):
     assert_clean_failure(run_script("emaq_online.py", "--runs-dir", str(tmp_path), *flags), *words)
+
+
+def test_non_finite_values_stop_the_run_naming_the_update_and_checkpoint(tmp_path):
+    result = run_script("emaq_online.py", *ONLINE_TINY, "--runs-dir", str(tmp_path), "--q-lr", "1e30", "--checkpoint-every", "100")
+    assert_clean_failure(result, "NaN/Inf at update", "checkpoint.pt (env step")
+    bad = int(result.stderr.split("NaN/Inf at update ")[1].split(";")[0])
+    assert 1 <= bad <= 50  # the exact update, found at the next log step (--log-every 50)
