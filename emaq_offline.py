@@ -88,8 +88,12 @@ class Args:
     """'max': the EMaQ backup; 'soft': the softmax-weighted average over the N samples (Appendix J)"""
     soft_alpha: float = 10.0
     """alpha of the soft backup, weights softmax(alpha * Q) (Appendix J, eq. 74)"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """matmul precision of the mu and Q updates; bf16 autocasts them (losses, softmax and optimizer stay fp32)"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """matmul precision of the mu and Q updates (losses, softmax, Adam stay fp32); auto: bf16 where the device has native bf16"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the Q update; auto: on for a GPU, off for a CPU (no gain there); falls back to eager if it fails"""
+    cudagraphs: Literal["auto", "on", "off"] = "auto"
+    """replay the compiled Q update as one CUDA graph (GPU only); auto: on whenever --compile is on a GPU"""
 
     # Evaluation, logging, saving
     eval_every: int = 5_000
@@ -154,14 +158,20 @@ def fail(message: str):
     sys.exit(2)
 
 
-def check_args(args: Args):
-    preset = args.preset
-    if preset == "auto":
-        preset = "table3" if any(d in args.dataset_id.lower() for d in TABLE3_DOMAINS) else "mujoco"
-    for key, value in PRESETS[preset].items():
+def check_args(args: Args, device) -> Args:
+    """Fill in presets and 'auto' flags, refuse impossible values. Speed flags' auto: the fastest correct path measured
+    (README.md, "Benchmarks"): bf16 where matmuls run natively in it; compile and CUDA graphs on a GPU, not on a CPU."""
+    if args.preset == "auto":
+        args.preset = "table3" if any(d in args.dataset_id.lower() for d in TABLE3_DOMAINS) else "mujoco"
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.preset = preset
+    if args.precision == "auto":  # torch.cpu's helpers are private: where a build lacks them, assume no native bf16
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else any(
+            getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        args.precision = "bf16" if native else "fp32"
+    args.compile = ("on" if device.type == "cuda" else "off") if args.compile == "auto" else args.compile
+    args.cudagraphs = ("on" if device.type == "cuda" and args.compile == "on" else "off") if args.cudagraphs == "auto" else args.cudagraphs
     problems = [
         (args.num_samples < 1, f"--num-samples (N) must be >= 1, got {args.num_samples}"),
         (args.num_qs < 1, f"--num-qs (K) must be >= 1, got {args.num_qs}"),
@@ -177,6 +187,8 @@ def check_args(args: Args):
         (any(n < 1 for n in args.delta_ns) or args.delta_support_samples < 1 or args.delta_states < 0,
          "--delta-ns must hold values >= 1, --delta-support-samples must be >= 1 and --delta-states >= 0"),
         (not 0 <= args.behavior_holdout < 0.5, f"--behavior-holdout must lie in [0, 0.5), got {args.behavior_holdout}"),
+        (args.cudagraphs == "on" and device.type != "cuda", "--cudagraphs on needs a CUDA GPU, and this run is on the CPU: drop the flag"),
+        (args.cudagraphs == "on" and args.compile == "off", "--cudagraphs on replays the compiled update: pass --compile on, or --cudagraphs off"),
     ]
     for bad, message in problems:
         if bad:
@@ -201,8 +213,7 @@ def generate_random_dataset(dataset_id: str, env_id: str, steps: int, seed: int)
     except (gym.error.Error, ValueError) as e:
         fail(f"cannot generate {dataset_id}: {e}")
     env.action_space.seed(seed)
-    buffers, returns = [], []
-    obs, _ = env.reset(seed=seed)
+    buffers, returns, obs = [], [], env.reset(seed=seed)[0]
     episode = dict(observations=[obs], actions=[], rewards=[], terminations=[], truncations=[])
     for t in tqdm(range(steps), desc=f"generating {dataset_id}", unit="step", mininterval=1.0):
         action = env.action_space.sample()
@@ -217,10 +228,8 @@ def generate_random_dataset(dataset_id: str, env_id: str, steps: int, seed: int)
                                          rewards=episode["rewards"], terminations=episode["terminations"], truncations=episode["truncations"]))
             obs, _ = env.reset()
             episode = dict(observations=[obs], actions=[], rewards=[], terminations=[], truncations=[])
-    family = env_id.split("-")[0].lower()
-    scores = {}
-    if family in D4RL_REF_SCORES and returns:  # min: this random policy's return; max: D4RL's expert constant
-        scores = dict(ref_min_score=float(np.mean(returns)), ref_max_score=D4RL_REF_SCORES[family][1])
+    family = env_id.split("-")[0].lower()  # reference min: this random policy's return; max: D4RL's expert constant
+    scores = dict(ref_min_score=float(np.mean(returns)), ref_max_score=D4RL_REF_SCORES[family][1]) if family in D4RL_REF_SCORES and returns else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         minari.create_dataset_from_buffers(
@@ -339,12 +348,10 @@ class QEnsemble(nn.Module):
         self.w_hidden = nn.ParameterList([stacked(hidden, hidden, hidden) for _ in range(layers - 1)])
         self.b_hidden = nn.ParameterList([stacked(hidden, 1, hidden) for _ in range(layers - 1)])
         self.w_out, self.b_out = stacked(hidden, hidden, 1), stacked(hidden, 1, 1)
-        self.num_qs = num_qs
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """obs [B, S], actions [B, N, A] -> Q values [K, B, N]."""
-        batch, n, act_dim = actions.shape
-        k = self.num_qs
+        (batch, n, act_dim), k = actions.shape, self.w_obs.shape[0]
         state_part = torch.baddbmm(self.b_in, obs.expand(k, -1, -1), self.w_obs)  # [K, B, H], once per state
         action_part = torch.bmm(actions.reshape(1, batch * n, act_dim).expand(k, -1, -1), self.w_act)  # [K, B*N, H]
         x = (action_part.view(k, batch, n, -1) + state_part.unsqueeze(2)).relu_().view(k, batch * n, -1)
@@ -369,10 +376,11 @@ def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:
 @torch.no_grad()
 def emaq_target(mu, q_target, rewards, next_obs, terminals, args: Args, states_per_chunk: Optional[int] = None) -> torch.Tensor:
     """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')   (eq. 11).
-    The B x N x K values are computed `states_per_chunk` next states at a time when they would not fit at once."""
-    backups = []
-    for chunk in next_obs.split(states_per_chunk or len(next_obs)):
-        values = ensemble(q_target(chunk, mu.sample(chunk, args.num_samples)), args.ensemble_lambda)  # [b, N]
+    The B x N x K values are computed `states_per_chunk` next states at a time (see `target_states_per_chunk`)."""
+    samples = mu.sample(next_obs, args.num_samples)  # [B, N, A], all at once: mu sizes its own chunks
+    backups, chunk = [], states_per_chunk or len(next_obs)
+    for obs_chunk, samples_chunk in zip(next_obs.split(chunk), samples.split(chunk)):
+        values = ensemble(q_target(obs_chunk, samples_chunk), args.ensemble_lambda).float()  # [b, N]
         if args.backup == "max":
             backups.append(values.max(-1).values)
         else:  # soft-EMaQ (Appendix J, eq. 71-74): softmax(alpha * Q)-weighted average of the N values
@@ -380,8 +388,13 @@ def emaq_target(mu, q_target, rewards, next_obs, terminals, args: Args, states_p
     return rewards + args.gamma * (1 - terminals) * torch.cat(backups)
 
 
+CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU; see target_states_per_chunk
+
+
 def target_states_per_chunk(args: Args, mu: BehaviorModel, device) -> int:
-    """How many next states the target may process at once; refuse up front if not even one fits."""
+    """Next states per target chunk: as many as half the free memory holds (refused up front if not one), and on a CPU
+    at most CPU_TARGET_ROWS // N: [K, rows, H] activations of a few MB stay in the caches and in malloc's heap, where
+    30-60 MB tensors are mapped and page-faulted afresh at every layer (README.md, "Benchmarks")."""
     per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + 4 * mu.config["head_hidden"] + 3 * mu.num_bins)  # bytes
     if args.target_memory_gb:
         budget = args.target_memory_gb * 2**30
@@ -396,26 +409,60 @@ def target_states_per_chunk(args: Args, mu: BehaviorModel, device) -> int:
     if per_state > budget:
         fail(f"the EMaQ target needs {per_state / 2**30:.2f} GiB per state for N={args.num_samples}, K={args.num_qs}, "
              f"q_hidden={args.q_hidden}, more than the {budget / 2**30:.2f} GiB budget: lower --num-samples or --num-qs")
-    return int(min(args.batch_size, budget // per_state))
+    states = int(min(args.batch_size, budget // per_state))
+    return states if device.type != "cpu" else max(1, min(states, CPU_TARGET_ROWS // args.num_samples))
 
 
-def emaq_update(data, mu, q_ensemble, q_target, q_optimizer, args: Args, states_per_chunk=None) -> dict:
-    """One Q-ensemble update on a minibatch drawn on the device. Returns device tensors (no host sync)."""
-    idx = torch.randint(len(data["obs"]), (args.batch_size,), device=data["obs"].device)
-    obs, actions, rewards, next_obs, terminals = (data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals"))
-    with autocast(args.precision, obs.device):
-        target = emaq_target(mu, q_target, rewards, next_obs, terminals, args, states_per_chunk).float()
-        q = q_ensemble(obs, actions.unsqueeze(1)).squeeze(-1).float()  # [K, B]
-    # eq. 10: each member's mean squared error, summed over members (members train independently)
-    loss = ((q - target) ** 2).mean(1).sum()
-    q_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    q_optimizer.step()
-    with torch.no_grad():
-        for p_target, p in zip(q_target.parameters(), q_ensemble.parameters()):
-            p_target.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
-    return {"qf_loss": loss.detach() / args.num_qs, "qf_values": q.detach().mean(), "q_ensemble_std": q.detach().std(0).mean(),
-            "target_values": target.mean()}
+def bf16_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy with bf16 parameters (buffers such as mu's action bounds stay fp32): autocast would cast the fp32
+    weights again at every call and every chunk; the target reads these, refreshed once per update."""
+    module = copy.deepcopy(module).requires_grad_(False)
+    for p in module.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return module
+
+
+def make_update(data, mu, q_ensemble, q_target, q_optimizer, args: Args, states_per_chunk: Optional[int] = None):
+    """update(): one Q-ensemble update on a batch drawn on the device, metrics left there (no host sync); mu is frozen.
+    In bf16 the target reads bf16 copies of mu and the target ensemble (the fp32 target stays the EMA's master)."""
+    target_mu, target_q = (bf16_copy(mu), bf16_copy(q_target)) if args.precision == "bf16" else (mu, q_target)
+
+    def update() -> dict:
+        idx = torch.randint(len(data["obs"]), (args.batch_size,), device=data["obs"].device)
+        obs, actions, rewards, next_obs, terminals = (data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals"))
+        with autocast(args.precision, obs.device):
+            target = emaq_target(target_mu, target_q, rewards, next_obs, terminals, args, states_per_chunk)
+            q = q_ensemble(obs, actions.unsqueeze(1)).squeeze(-1).float()  # [K, B]
+        loss = ((q - target) ** 2).mean(1).sum()  # eq. 10: each member's mean squared error, summed (members train independently)
+        q_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        q_optimizer.step()
+        with torch.no_grad():
+            for p_target, p, p_read in zip(q_target.parameters(), q_ensemble.parameters(), target_q.parameters()):
+                p_target.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
+                if p_read is not p_target:
+                    p_read.copy_(p_target)
+        return {"qf_loss": loss.detach() / args.num_qs, "qf_values": q.detach().mean(), "q_ensemble_std": q.detach().std(0).mean(),
+                "target_values": target.mean()}
+
+    if args.compile != "on":  # "auto" was resolved by check_args
+        return update
+    compiled = torch.compile(update, mode="reduce-overhead" if args.cudagraphs == "on" else None, dynamic=False)  # fixed shapes
+
+    def compiled_update() -> dict:
+        nonlocal compiled
+        if args.cudagraphs == "on":  # a new step: the replay may overwrite the previous step's metrics (read them before)
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            return compiled()
+        except Exception as e:  # no C++ compiler, no Triton, an unsupported op: warn, and go on eagerly (a real error recurs)
+            if compiled is update:
+                raise
+            log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:150]}); continuing eagerly")
+            compiled = update
+            return update()
+
+    return compiled_update
 
 
 @torch.no_grad()
@@ -441,8 +488,7 @@ def make_eval_envs(dataset, num_episodes: int):
 def evaluate(policy, envs, obs_space, normalize, seed: int, device) -> np.ndarray:
     """Undiscounted return of the first episode of every sub-environment."""
     obs, _ = envs.reset(seed=seed)
-    returns = np.zeros(envs.num_envs)
-    done = np.zeros(envs.num_envs, dtype=bool)
+    returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
     while not done.all():
         obs_t = normalize(torch.as_tensor(flatten_obs(obs_space, obs), device=device))
         actions = policy(obs_t).cpu().numpy()
@@ -479,18 +525,13 @@ def delta_curve(mu, q_ensemble, states: torch.Tensor, ns, support_samples: int, 
 def write_delta_curve(run_dir, writer, ns, deltas: np.ndarray, num_initial: int):
     """delta_curve.csv (N, mean, 10th and 90th percentile over states), delta_curve.png and TensorBoard (step = N)."""
     mean, p10, p90 = deltas.mean(0), np.percentile(deltas, 10, axis=0), np.percentile(deltas, 90, axis=0)
-    initial = deltas[:num_initial].mean(0)
-    with open(os.path.join(run_dir, "delta_curve.csv"), "w") as f:
-        f.write("N,mean,p10,p90,initial_states_mean\n")
-        for row in zip(ns, mean, p10, p90, initial):
-            f.write(",".join(f"{v:.6g}" for v in row) + "\n")
-    for n, values in zip(ns, zip(mean, p10, p90, initial)):
-        for tag, value in zip(("mean", "p10", "p90", "initial_states_mean"), values):
-            writer.add_scalar(f"delta/{tag}", value, n)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    initial, tags = deltas[:num_initial].mean(0), ("mean", "p10", "p90", "initial_states_mean")
+    table = np.stack([np.asarray(ns, dtype=float), mean, p10, p90, initial], 1)
+    np.savetxt(os.path.join(run_dir, "delta_curve.csv"), table, fmt="%.6g", delimiter=",", header="N," + ",".join(tags), comments="")
+    for n, *values in table:
+        for tag, value in zip(tags, values):
+            writer.add_scalar(f"delta/{tag}", value, int(n))
+    import matplotlib.pyplot as plt  # only here: a run that skips Delta never imports matplotlib
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.fill_between(ns, p10, p90, alpha=0.3, label="10th-90th percentile over states")
@@ -601,13 +642,13 @@ def resolve_resume(args: Args) -> Args:
             saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
     except (OSError, ValueError, TypeError) as e:
         fail(f"{args.resume} is not a run directory of emaq_offline.py ({e}); pass runs/<run name>")
-    defaults, free = Args(), {"resume", "cuda"}
+    defaults, free = Args(), {"resume", "cuda", "compile", "cudagraphs"}  # how fast, not what is computed
     conflicts = [f"--{f.name.replace('_', '-')} {getattr(args, f.name)} (the run has {getattr(saved, f.name)})"
                  for f in dataclasses.fields(Args) if f.name not in free
                  and getattr(args, f.name) not in (getattr(defaults, f.name), getattr(saved, f.name))]
     if conflicts:
         fail(f"cannot resume {args.resume} with " + ", ".join(conflicts) + ": resume without those flags, or start a new run")
-    return dataclasses.replace(saved, resume=args.resume, cuda=args.cuda)
+    return dataclasses.replace(saved, resume=args.resume, cuda=args.cuda, compile=args.compile, cudagraphs=args.cudagraphs)
 
 
 def stop_if_requested(run: dict, checkpoint, run_dir):
@@ -647,13 +688,13 @@ def pretrain_behavior(args, mu, mu_optimizer, data, train_idx, writer, run, chec
 
 def train_emaq(args, data, mu, q_ensemble, q_target, q_optimizer, evaluate_policy, writer, run, checkpoint, run_dir, ref):
     """The Q-ensemble updates of Algorithm 1 (Appendix C), with evaluation, logging and checkpoints."""
-    states_per_chunk = target_states_per_chunk(args, mu, data["obs"].device)
+    update = make_update(data, mu, q_ensemble, q_target, q_optimizer, args, target_states_per_chunk(args, mu, data["obs"].device))
     first_nonfinite = torch.full((), -1, dtype=torch.long, device=data["obs"].device)  # tracked on the device, read when logging
     last_time, last_step = time.time(), run["step"]
     progress = tqdm(range(run["step"] + 1, args.total_updates + 1), desc="EMaQ", unit="upd", mininterval=1.0,
                     initial=run["step"], total=args.total_updates)
     for step in progress:
-        metrics = emaq_update(data, mu, q_ensemble, q_target, q_optimizer, args, states_per_chunk)
+        metrics = update()
         finite = torch.isfinite(metrics["qf_loss"]) & torch.isfinite(metrics["qf_values"])
         first_nonfinite = torch.where((first_nonfinite < 0) & ~finite, step, first_nonfinite)
         run["step"] = step
@@ -684,12 +725,12 @@ def train_emaq(args, data, mu, q_ensemble, q_target, q_optimizer, evaluate_polic
 def main(args: Args):
     if args.evaluate_run:
         return evaluate_saved_run(args)
-    args = check_args(resolve_resume(args))
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    args = check_args(resolve_resume(args), device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # --- data ---
     dataset = load_minari_dataset(args.dataset_id, args.seed)
@@ -700,10 +741,8 @@ def main(args: Args):
     data = check_and_clip(episodes_to_transitions(dataset), low, high, args.dataset_id)
     obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
     data = {k: torch.as_tensor(v, device=device) for k, v in data.items()}  # the whole dataset lives on the device
-    if args.normalize_obs:
-        obs_mean, obs_std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
-    else:
-        obs_mean, obs_std = torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device)
+    obs_mean, obs_std = (data["obs"].mean(0), data["obs"].std(0) + 1e-3) if args.normalize_obs else \
+        (torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device))
     data["obs"], data["next_obs"] = (data["obs"] - obs_mean) / obs_std, (data["next_obs"] - obs_mean) / obs_std
     normalize = lambda o: (o - obs_mean) / obs_std  # noqa: E731
     num_transitions = len(data["obs"])
@@ -746,7 +785,7 @@ def main(args: Args):
     envs, obs_space = make_eval_envs(dataset, args.eval_episodes), dataset.observation_space
     if run["phase"] == "behavior":
         if not args.behavior_path:
-            mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr)
+            mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr, fused=True)
             if ckpt:
                 mu_optimizer.load_state_dict(ckpt["mu_optimizer"])
                 set_rng_state(ckpt["rng"])
@@ -773,7 +812,7 @@ def main(args: Args):
     # --- EMaQ: Q ensemble trained with the target of eq. 11 ---
     q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
-    q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr)
+    q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
     if ckpt and ckpt["phase"] == "emaq":
         q_ensemble.load_state_dict(ckpt["q_ensemble"])
         q_target.load_state_dict(ckpt["q_target"])
@@ -802,9 +841,7 @@ def main(args: Args):
 
 
 def one_line_summary(dataset_id, mu_return, mu_score, history, run_dir):
-    def fmt(ret, score):
-        return f"return {ret:.1f}" + (f" (score {score:.1f})" if score is not None else "")
-
+    fmt = lambda ret, score: f"return {ret:.1f}" + (f" (score {score:.1f})" if score is not None else "")  # noqa: E731
     text = f"{dataset_id} | mu {fmt(mu_return, mu_score)}"
     if history:
         best = max(history, key=lambda h: h[1])

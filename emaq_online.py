@@ -530,10 +530,10 @@ def main(args: Args):
         f"temperature {args.temperature}, device {device}, run {run_dir}" + (f", resuming at step {ckpt['loop']['global_step']}" if ckpt else ""))
 
     mu = BehaviorModel.from_preset(args.behavior_preset, obs_dim, low, high).to(device)
-    mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr)
+    mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr, fused=True)
     q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
-    q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr)
+    q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
     states_per_chunk = target_states_per_chunk(args, mu, device)
     models = {"mu": mu, "mu_optimizer": mu_optimizer, "q_ensemble": q_ensemble, "q_target": q_target, "q_optimizer": q_optimizer}
 

@@ -3,11 +3,13 @@
     python benchmarks/bench_update.py                 # the GPU when there is one, else the CPU
     python benchmarks/bench_update.py --device cpu --num-samples 10
 
+    python benchmarks/bench_update.py --ablation      # also: the default path with one technique taken out at a time
+
 Configuration (Table 2): B=256, K=8 Q networks of 3 hidden layers of 750, mu at the MuJoCo preset, HalfCheetah
-dims 17/6. (a) emaq_offline.py's real update (`emaq_update`), in fp32 and bf16; (b) the plain update in the same
-process: eager fp32, one Q network at a time, one action dimension at a time, the state embedded for every sample;
-(c) this machine's dense matmul rate in fp32 and bf16; (d) peak memory. Also the test-time policy's latency for one
-state and the vectorized evaluation's environment steps/s.
+dims 17/6. (a) emaq_offline.py's real update (`make_update`) in fp32, bf16, and compiled (+ CUDA graphs on a GPU);
+(b) the plain update in the same process: eager fp32, one Q network at a time, one action dimension at a time, the
+state embedded for every sample; (c) this machine's dense matmul rate in fp32 and bf16; (d) peak memory. Also the
+test-time policy's latency for one state and the vectorized evaluation's environment steps/s.
 """
 
 import os
@@ -38,6 +40,10 @@ class Args:
     """also time the plain update"""
     eval_env: str = "HalfCheetah-v5"
     """environment of the evaluation-speed row"""
+    compile: bool = False
+    """also time the compiled update (always on a GPU); compiling takes ~30 s per case on a 2-core CPU"""
+    ablation: bool = False
+    """time the default path with one speed-up taken out at a time (N=10)"""
 
 
 OBS, ACT, B, K, H, LAYERS = 17, 6, 256, 8, 750, 3
@@ -87,6 +93,16 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the whole process, in GiB
 
 
+def real_update(data, mu, n, device, precision="fp32", compile="off", cudagraphs="off", fused_adam=True):
+    """emaq_offline's update at the paper configuration, on fresh networks."""
+    q = eo.QEnsemble(OBS, ACT, K, H, LAYERS).to(device)
+    q_target = eo.QEnsemble(OBS, ACT, K, H, LAYERS).to(device).requires_grad_(False)
+    opt = torch.optim.Adam(q.parameters(), lr=1e-4, fused=fused_adam, foreach=None if fused_adam else True)
+    run = eo.Args(num_samples=n, num_qs=K, batch_size=B, q_hidden=H, q_layers=LAYERS, precision=precision, compile=compile,
+                  cudagraphs=cudagraphs)
+    return eo.make_update(data, mu, q, q_target, opt, run, eo.target_states_per_chunk(run, mu, device))
+
+
 def main(args: Args):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     torch.manual_seed(0)
@@ -98,18 +114,21 @@ def main(args: Args):
             "rewards": torch.randn(100_000, device=device), "next_obs": torch.randn(100_000, OBS, device=device),
             "terminals": torch.zeros(100_000, device=device)}
     mu = BehaviorModel.from_preset("mujoco", OBS, [-1] * ACT, [1] * ACT).to(device).requires_grad_(False)
-    q = eo.QEnsemble(OBS, ACT, K, H, LAYERS).to(device)
-    q_target = eo.QEnsemble(OBS, ACT, K, H, LAYERS).to(device).requires_grad_(False)
-    opt = torch.optim.Adam(q.parameters(), lr=1e-4)
-    print(f"{'N':>4} {'path':>12} | {'updates/s':>9} {'ms/update':>9} | {'GFLOP/s':>8} {'of fp32 mm':>10} {'of bf16 mm':>10} | {'speed-up':>8}")
+    default = eo.check_args(eo.Args(), device)
+    print(f"defaults on this device: --precision {default.precision} --compile {default.compile} --cudagraphs {default.cudagraphs}")
+    cases = [("fp32", "off", "off"), ("bf16", "off", "off")]
+    if args.compile or device.type == "cuda":
+        cases += [("bf16", "on", "off")] + ([("bf16", "on", "on")] if device.type == "cuda" else [])
+    print(f"{'N':>4} {'path':>22} | {'updates/s':>9} {'ms/update':>9} | {'GFLOP/s':>8} {'of fp32 mm':>10} {'of bf16 mm':>10} | {'vs plain':>8}")
     for n in args.num_samples:
         rows = []
-        for precision in ("fp32", "bf16"):
-            run = eo.Args(num_samples=n, num_qs=K, batch_size=B, precision=precision)
+        for precision, compile, cudagraphs in cases:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            seconds = timeit(lambda: eo.emaq_update(data, mu, q, q_target, opt, run), device, args.min_seconds)
-            rows.append((f"fast {precision}", seconds, peak_memory(device)))
+            update = real_update(data, mu, n, device, precision, compile, cudagraphs)
+            update()  # compiles, when compiling
+            label = f"fast {precision}" + (" compiled" if compile == "on" else "") + (" +graphs" if cudagraphs == "on" else "")
+            rows.append((label, timeit(update, device, args.min_seconds), peak_memory(device)))
         if args.plain:
             plain_mu = PlainBehaviorModel(OBS, ACT, PRESETS["mujoco"]).to(device).requires_grad_(False)
             qs = [PlainQ().to(device) for _ in range(K)]
@@ -120,12 +139,37 @@ def main(args: Args):
         plain_seconds = rows[-1][1] if args.plain else float("nan")
         for path, seconds, _ in rows:
             achieved = update_flops(n) / seconds
-            print(f"{n:>4} {path:>12} | {1 / seconds:>9.1f} {seconds * 1e3:>9.1f} | {achieved / 1e9:>8.1f} {achieved / fp32:>9.0%} "
+            print(f"{n:>4} {path:>22} | {1 / seconds:>9.1f} {seconds * 1e3:>9.1f} | {achieved / 1e9:>8.1f} {achieved / fp32:>9.0%} "
                   f"{achieved / bf16:>9.0%} | {plain_seconds / seconds:>7.1f}x")
+        print(f"     {update_flops(n) / 1e9:.1f} GFLOP per update: at least {update_flops(n) / bf16 * 1e3:.0f} ms at the bf16 matmul rate, "
+              f"{update_flops(n) / fp32 * 1e3:.0f} ms at fp32's")
         print(f"     peak memory after N={n}: " + ", ".join(f"{p} {m:.2f} GiB" for p, _, m in rows)
               + (" (CPU: the process's peak RSS)" if device.type == "cpu" else ""))
 
+    if args.ablation:
+        # The default path, then the same with one technique taken out (N=10). Stacking the ensemble, splitting the
+        # first layer and sampling mu once per state are structural; bench_behavior_model.py measures mu's share.
+        n, base = 10, dict(precision=default.precision, compile="off")
+        variants = [("default (eager)", base, None), ("- fused Adam (foreach)", {**base, "fused_adam": False}, None),
+                    ("- bf16 weight copies", base, "copies"), ("- CPU target chunks", base, "chunks"),
+                    ("- bf16 (fp32)", {**base, "precision": "fp32"}, None), ("+ torch.compile", {**base, "compile": "on"}, None)]
+        print(f"ablation, N={n}: {'variant':>24} | {'ms/update':>9} | vs default")
+        base_seconds = None
+        for label, kwargs, removed in variants:
+            saved = eo.bf16_copy, eo.CPU_TARGET_ROWS
+            if removed == "copies":
+                eo.bf16_copy = lambda module: module  # the target then reads the fp32 weights under autocast
+            if removed == "chunks":
+                eo.CPU_TARGET_ROWS = 10**9
+            update = real_update(data, mu, n, device, **kwargs)
+            update()
+            seconds = timeit(update, device, args.min_seconds)
+            eo.bf16_copy, eo.CPU_TARGET_ROWS = saved
+            base_seconds = base_seconds or seconds
+            print(f"{'':>18}{label:>24} | {seconds * 1e3:>9.1f} | {seconds / base_seconds:>6.2f}x time")
+
     # Evaluation: the test-time policy (Algorithm 1) for one state, and a vectorized evaluation in the real env.
+    q = eo.QEnsemble(OBS, ACT, K, H, LAYERS).to(device)
     obs = torch.randn(1, OBS, device=device)
     latency = timeit(lambda: eo.test_time_policy(mu, q, obs, 10, 1.0), device, 1.0)
     import gymnasium as gym

@@ -18,6 +18,17 @@ for seed in 1 2 3; do
 done
 wait
 
+# bf16 vs fp32 (issue #5): the same offline configuration, 10k updates, 2 seeds per precision, the same mu.
+for precision in fp32 bf16; do
+  for seed in 1 2; do
+    python emaq_offline.py --num-samples 5 --preset table3 --num-qs 4 --q-hidden 256 --q-layers 3 --batch-size 256 \
+        --behavior-path "$MU" --behavior-updates 0 --total-updates 10000 --eval-every 2500 --eval-episodes 5 \
+        --checkpoint-every 2500 --runs-dir "$RUNS/precision_$precision" --exp-name cmp_$precision --seed $seed \
+        --precision $precision --delta-ns &
+  done
+done
+wait
+
 # Online, InvertedPendulum-v5, fully online (M = 1), with a faster target (EMA 0.98, Q lr 3e-4).
 for seed in 1 2 3; do
   python emaq_online.py --env-id InvertedPendulum-v5 --total-steps 12000 --learning-starts 1000 --eval-every 1000 \

@@ -254,6 +254,6 @@ def test_bf16_update_stays_within_the_stated_tolerance_of_fp32():
     # and a whole update runs in bf16 with finite, fp32 outputs
     data = {"obs": torch.randn(500, 5), "actions": torch.rand(500, 3) * 2 - 1, "rewards": torch.randn(500),
             "next_obs": torch.randn(500, 5), "terminals": torch.zeros(500)}
-    metrics = eo.emaq_update(data, mu, q, eo.QEnsemble(5, 3, 4, hidden=128, layers=3), torch.optim.Adam(q.parameters()),
-                             eo.Args(num_samples=8, num_qs=4, batch_size=32, precision="bf16"))
+    metrics = eo.make_update(data, mu, q, eo.QEnsemble(5, 3, 4, hidden=128, layers=3), torch.optim.Adam(q.parameters()),
+                             eo.Args(num_samples=8, num_qs=4, batch_size=32, precision="bf16"))()
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in metrics.values())

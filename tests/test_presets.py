@@ -5,6 +5,7 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 import emaq_offline as eo
 from behavior_model import action_bounds
@@ -36,9 +37,9 @@ def test_table3_environments_construct_and_flatten(env_id):
     ("D4RL/antmaze/umaze-v1", "table3"), ("D4RL/door/cloned-v2", "table3"), ("D4RL/pen/human-v2", "table3"),
 ])
 def test_auto_preset_follows_the_paper(dataset_id, preset):
-    args = eo.check_args(eo.Args(dataset_id=dataset_id))
+    args = eo.check_args(eo.Args(dataset_id=dataset_id), torch.device("cpu"))
     assert args.preset == preset
     expected = {"mujoco": (256, 8, 750, 3), "table3": (128, 16, 256, 4)}[preset]  # Table 2 / Table 3
     assert (args.batch_size, args.num_qs, args.q_hidden, args.q_layers) == expected
     assert args.q_lr == 1e-4 and args.behavior_lr == 5e-4 and args.ema == 0.995 and args.ensemble_lambda == 1.0
-    assert eo.check_args(eo.Args(dataset_id=dataset_id, num_qs=3)).num_qs == 3  # a flag beats the preset
+    assert eo.check_args(eo.Args(dataset_id=dataset_id, num_qs=3), torch.device("cpu")).num_qs == 3  # a flag beats the preset
