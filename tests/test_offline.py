@@ -223,6 +223,7 @@ def test_nan_in_data_is_refused(tmp_path, hopper_env):
     (["--num-samples", "0"], ["--num-samples (N) must be >= 1"]),
     (["--num-qs", "0"], ["--num-qs (K) must be >= 1"]),
     (["--ensemble-lambda", "1.5"], ["--ensemble-lambda must lie in [0, 1]"]),
+    (["--cudagraphs", "on", "--no-cuda"], ["--cudagraphs on needs a CUDA GPU, and this run is on the CPU"]),
 ])
 def test_impossible_flags_are_refused(tmp_path, flags, words):
     assert_clean_failure(run_script("emaq_offline.py", "--runs-dir", str(tmp_path), *flags), *words)
