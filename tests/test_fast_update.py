@@ -119,7 +119,7 @@ def test_bf16_target_copies_follow_the_fp32_target_every_update():
 def test_compiled_update_equals_eager_and_failure_falls_back(monkeypatch, capsys):
     """--compile on (CPU, inductor): one update gives the eager update's metrics and weights. If compiling is
     impossible, the run continues eagerly with a one-line warning."""
-    torch._inductor.config.fallback_random = True  # eager's random streams, so both draw the same batch and samples
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's random streams: the same batch and samples
     results = []
     for compile_mode in ("off", "on"):
         mu, q, q_target, data = setup()
