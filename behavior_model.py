@@ -142,8 +142,11 @@ class BehaviorModel(nn.Module):
         x: [D', M, H] for a slice of heads (batched matmul), or [M, H] for one head."""
         for w, b in zip(self.head_hidden_w, self.head_hidden_b):
             x = (torch.baddbmm(b[dims], x, w[dims]) if x.ndim == 3 else torch.addmm(b[dims], x, w[dims])).relu_()
-        w, b = self.head_out_w[dims], self.head_out_b[dims]
-        return torch.baddbmm(b, x, w) if x.ndim == 3 else torch.addmm(b, x, w)
+        # The logits feed the NLL and the inverse-CDF draw: fp32 even under bf16 autocast (bf16 would round them by
+        # up to 0.06 at |logit| = 10, a 6% error in the odds of a bin).
+        w, b = self.head_out_w[dims].float(), self.head_out_b[dims].float()
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.baddbmm(b, x.float(), w) if x.ndim == 3 else torch.addmm(b, x.float(), w)
 
     def logits(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits of every dimension, [B, D, num_bins] (eq. 62), all heads batched."""

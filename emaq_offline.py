@@ -129,7 +129,16 @@ PRESETS = {
     "mujoco": dict(batch_size=256, num_qs=8, q_hidden=750, q_layers=3),
     "table3": dict(batch_size=128, num_qs=16, q_hidden=256, q_layers=4),
 }
-TABLE3_DOMAINS = ("kitchen", "antmaze", "adroit", "door", "hammer", "pen", "relocate")
+TABLE3_ENVS = ("kitchen", "antmaze", "door", "hammer", "pen", "relocate")  # Minari's D4RL names of Table 3's domains
+
+
+def preset_for(dataset_id: str) -> str:
+    """Table 3's sizes for kitchen, antmaze and adroit, decided by the environment part of the id, never a substring
+    ("pen" is not "invertedpendulum"): D4RL/pen/cloned-v2 -> pen; emaq/AntMaze_UMaze-v4/random-v0 -> antmaze_umaze."""
+    parts = dataset_id.lower().split("/")
+    env = re.sub(r"-v\d+$", "", parts[-2] if len(parts) >= 2 else parts[0])
+    generated = env.startswith(("frankakitchen", "antmaze_", "adroithand"))  # Gymnasium-Robotics ids of the same domains
+    return "table3" if env in TABLE3_ENVS or generated else "mujoco"
 
 # D4RL's reference returns (random policy, expert), used where a dataset has no reference scores of its own.
 D4RL_REF_SCORES = {
@@ -162,7 +171,7 @@ def check_args(args: Args, device) -> Args:
     """Fill in presets and 'auto' flags, refuse impossible values. Speed flags' auto: the fastest correct path measured
     (README.md, "Benchmarks"): bf16 where matmuls run natively in it; compile and CUDA graphs on a GPU, not on a CPU."""
     if args.preset == "auto":
-        args.preset = "table3" if any(d in args.dataset_id.lower() for d in TABLE3_DOMAINS) else "mujoco"
+        args.preset = preset_for(args.dataset_id)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -357,7 +366,10 @@ class QEnsemble(nn.Module):
         x = (action_part.view(k, batch, n, -1) + state_part.unsqueeze(2)).relu_().view(k, batch * n, -1)
         for w, b in zip(self.w_hidden, self.b_hidden):
             x = torch.baddbmm(b, x, w).relu_()
-        return torch.baddbmm(self.b_out, x, self.w_out).view(k, batch, n)
+        # The values EMaQ compares (max over N) and regresses (eq. 10) leave in fp32, also under bf16 autocast:
+        # bf16's spacing at Q = 1000 is 4 to 8, as large as the differences between the N candidates.
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.baddbmm(self.b_out.float(), x.float(), self.w_out.float()).view(k, batch, n)
 
 
 def autocast(precision: str, device):
@@ -388,6 +400,7 @@ def emaq_target(mu, q_target, rewards, next_obs, terminals, args: Args, states_p
     return rewards + args.gamma * (1 - terminals) * torch.cat(backups)
 
 
+MU_OUTPUT, Q_OUTPUT = ("head_out_w", "head_out_b"), ("w_out", "b_out")  # output layers: fp32 in the bf16 read copies
 CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU; see target_states_per_chunk
 
 
@@ -413,19 +426,21 @@ def target_states_per_chunk(args: Args, mu: BehaviorModel, device) -> int:
     return states if device.type != "cpu" else max(1, min(states, CPU_TARGET_ROWS // args.num_samples))
 
 
-def bf16_copy(module: nn.Module) -> nn.Module:
-    """A frozen copy with bf16 parameters (buffers such as mu's action bounds stay fp32): autocast would cast the fp32
-    weights again at every call and every chunk; the target reads these, refreshed once per update."""
+def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
+    """A frozen copy with bf16 parameters, except the output layers named in `keep_fp32` (they make the compared values,
+    in fp32) and buffers: autocast would cast the fp32 weights again at every call and every chunk; the target reads
+    these, refreshed once per update."""
     module = copy.deepcopy(module).requires_grad_(False)
-    for p in module.parameters():
-        p.data = p.data.to(torch.bfloat16)
+    for name, p in module.named_parameters():
+        if name.split(".")[0] not in keep_fp32:
+            p.data = p.data.to(torch.bfloat16)
     return module
 
 
 def make_update(data, mu, q_ensemble, q_target, q_optimizer, args: Args, states_per_chunk: Optional[int] = None):
     """update(): one Q-ensemble update on a batch drawn on the device, metrics left there (no host sync); mu is frozen.
     In bf16 the target reads bf16 copies of mu and the target ensemble (the fp32 target stays the EMA's master)."""
-    target_mu, target_q = (bf16_copy(mu), bf16_copy(q_target)) if args.precision == "bf16" else (mu, q_target)
+    target_mu, target_q = (bf16_copy(mu, MU_OUTPUT), bf16_copy(q_target, Q_OUTPUT)) if args.precision == "bf16" else (mu, q_target)
 
     def update() -> dict:
         idx = torch.randint(len(data["obs"]), (args.batch_size,), device=data["obs"].device)

@@ -158,7 +158,7 @@ def main(args: Args):
         for label, kwargs, removed in variants:
             saved = eo.bf16_copy, eo.CPU_TARGET_ROWS
             if removed == "copies":
-                eo.bf16_copy = lambda module: module  # the target then reads the fp32 weights under autocast
+                eo.bf16_copy = lambda module, keep_fp32: module  # the target then reads the fp32 weights under autocast
             if removed == "chunks":
                 eo.CPU_TARGET_ROWS = 10**9
             update = real_update(data, mu, n, device, **kwargs)

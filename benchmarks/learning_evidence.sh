@@ -45,3 +45,21 @@ for env in Hopper-v5 HalfCheetah-v5; do
 done
 wait
 python benchmarks/summarize_runs.py "$RUNS" --curve
+
+# bf16 vs fp32 where Q is large (issue #11): real medium Walker2d-v5 data (../shared/datasets, rewards of 2 to 4 per
+# step), the CPU configuration, 30k updates, 2 seeds per precision, one mu (20k updates) shared by all four runs.
+export MINARI_DATASETS_PATH=${MINARI_DATASETS_PATH:-../shared/datasets}
+WALKER=practice/walker2d/medium-v0
+CPU_CONFIG=(--num-samples 5 --preset table3 --num-qs 4 --q-hidden 256 --q-layers 3 --batch-size 256)
+OMP_NUM_THREADS=2 python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-updates 20000 \
+    --total-updates 0 --runs-dir "$RUNS/walker_mu" --exp-name mu_only --delta-ns --eval-episodes 10
+WALKER_MU=$(ls -d "$RUNS"/walker_mu/*/ | head -n 1)mu.pt
+for precision in fp32 bf16; do
+  for seed in 1 2; do
+    python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-path "$WALKER_MU" --behavior-updates 0 \
+        --total-updates 30000 --eval-every 5000 --eval-episodes 10 --checkpoint-every 5000 \
+        --runs-dir "$RUNS/walker_precision_$precision" --exp-name walker_$precision --seed $seed --precision $precision \
+        --delta-ns &
+  done
+done
+wait

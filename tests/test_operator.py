@@ -185,3 +185,83 @@ def test_wrong_backups_fail_the_checks(wrong):
         except AssertionError:
             failures += 1
     assert failures >= 1
+
+
+# ----- the same theory on the project's own code: emaq_target, ensemble, the test-time policy, BehaviorModel ----
+# A tabular MDP seen through the project's interfaces: states are one-hot observations; the action space is [0, A]
+# with mu's A bins as the MDP's actions (action a lies in bin floor(a)); the "Q ensemble" is a table per member.
+import torch  # noqa: E402
+
+import emaq_offline as eo  # noqa: E402
+from behavior_model import BehaviorModel  # noqa: E402
+
+
+class TableQ(torch.nn.Module):
+    """K tabular Q functions behind QEnsemble's interface: (one-hot obs [B, S], actions [B, N, 1]) -> [K, B, N]."""
+
+    def __init__(self, tables):
+        super().__init__()
+        self.tables = torch.as_tensor(np.asarray(tables), dtype=torch.float64)  # [K, S, A]
+
+    def forward(self, obs, actions):
+        states = obs.argmax(1)[:, None].expand(-1, actions.shape[1])
+        bins = actions[..., 0].floor().long().clamp(0, self.tables.shape[2] - 1)
+        return self.tables[:, states, bins].float()
+
+
+def tabular_mu(mu_table):
+    """A real BehaviorModel whose bins are the MDP's actions and whose bin probabilities are mu(a|s) exactly."""
+    S, A = mu_table.shape
+    mu = BehaviorModel(S, [0.0], [float(A)], state_layers=0, embed_dim=S, head_hidden=S, head_layers=1, num_bins=A)
+    with torch.no_grad():
+        for p in mu.parameters():
+            p.zero_()
+        mu.state_mlp[0].weight.copy_(torch.eye(S))  # h = one-hot(s)
+        mu.head_state.weight.copy_(torch.eye(S))  # the head's hidden layer = one-hot(s) (ReLU keeps it)
+        mu.head_out_w[0].copy_(torch.as_tensor(np.log(np.maximum(mu_table, 1e-300)).clip(-1e4), dtype=torch.float32))
+    return mu.requires_grad_(False)
+
+
+def project_expected_max(q_tables, mu, n, lam, draws, seed=0):
+    """E[max of N Ensemble values] per state, estimated by averaging the project's emaq_target (r = 0, gamma = 1)."""
+    K, S, A = np.shape(q_tables)
+    torch.manual_seed(seed)
+    next_obs = torch.eye(S).repeat_interleave(draws, 0)
+    args = eo.Args(num_samples=n, ensemble_lambda=lam, gamma=1.0, backup="max")
+    y = eo.emaq_target(mu, TableQ(q_tables), torch.zeros(S * draws), next_obs, torch.zeros(S * draws), args)
+    return y.double().view(S, draws)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("n", [1, 5, 50])
+def test_project_target_averages_to_the_exact_expected_max_backup(n, lam):
+    """The mean of emaq_target over draws = the closed-form E[max_i Ensemble(Q(s', a_i))], within 4 standard errors."""
+    P, R, mu_table = random_mdp(3, partial_support=True)
+    rng = np.random.default_rng(0)
+    q_tables = rng.normal(0, 2, size=(2, *R.shape))  # two members that disagree: min, max and lambda all matter
+    ensemble_table = lam * q_tables.min(0) + (1 - lam) * q_tables.max(0)
+    samples = project_expected_max(q_tables, tabular_mu(mu_table), n, lam, draws=4000)
+    exact = expected_max(ensemble_table, mu_table, n)
+    error = np.abs(samples.mean(1).numpy() - exact)
+    assert (error < 4 * samples.std(1).numpy() / np.sqrt(4000) + 1e-4).all(), (error, exact)
+
+
+def test_iterating_the_project_target_converges_to_q_mu_n_and_the_policy_attains_it():
+    """Value iteration whose expectation over s' is exact and whose max over N is the project's sampled target converges
+    to Q_mu^N (the closed-form fixed point); the project's test-time policy, run on Q_mu^N, has value Q_mu^N (Thm 3.2)."""
+    P, R, mu_table = random_mdp(1, partial_support=True)
+    mu, n, S, A = tabular_mu(mu_table), 5, *R.shape
+    exact = fixed_point(lambda Q: emaq_backup(Q, P, R, mu_table, n), S, A)
+    Q = np.zeros((S, A))
+    for it in range(60):
+        values = project_expected_max(np.stack([Q, Q]), mu, n, 1.0, draws=1000 if it < 50 else 8000, seed=it).mean(1).numpy()
+        Q = R + GAMMA * P @ values
+    assert np.abs(Q - exact).max() < 0.05 * max(1.0, np.abs(exact).max() / 10), np.abs(Q - exact).max()
+
+    torch.manual_seed(0)
+    draws = 20_000
+    obs = torch.eye(S).repeat_interleave(draws, 0)
+    actions = eo.test_time_policy(mu, TableQ(exact[None]), obs, n, 1.0)[:, 0].floor().long().view(S, draws)
+    pi = np.stack([np.bincount(a, minlength=A) / draws for a in actions.numpy()])
+    np.testing.assert_allclose(pi, best_of_n_policy(exact, mu_table, n), atol=0.02)
+    np.testing.assert_allclose(policy_q(P, R, pi), exact, atol=0.1 * max(1.0, np.abs(exact).max() / 10))

@@ -43,3 +43,20 @@ def test_auto_preset_follows_the_paper(dataset_id, preset):
     assert (args.batch_size, args.num_qs, args.q_hidden, args.q_layers) == expected
     assert args.q_lr == 1e-4 and args.behavior_lr == 5e-4 and args.ema == 0.995 and args.ensemble_lambda == 1.0
     assert eo.check_args(eo.Args(dataset_id=dataset_id, num_qs=3), torch.device("cpu")).num_qs == 3  # a flag beats the preset
+
+
+# Every Table 3 dataset of Minari's D4RL collection that the README lists, and the ids a substring match got wrong.
+TABLE3_IDS = ([f"D4RL/kitchen/{name}-v2" for name in ("complete", "partial", "mixed")]
+              + [f"D4RL/antmaze/{name}-v1" for name in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")]
+              + [f"D4RL/{task}/{kind}-v2" for task in ("pen", "door", "hammer", "relocate") for kind in ("human", "cloned", "expert")]
+              + ["emaq/AdroitHandPen-v1/random-v0", "emaq/AntMaze_UMaze-v4/random_2000-v0", "emaq/FrankaKitchen-v1/random-v0"])
+MUJOCO_IDS = ["mujoco/invertedpendulum/medium-v0", "mujoco/inverteddoublependulum/expert-v0", "D4RL/pointmaze/open-v2",
+              "D4RL/pointmaze/open-dense-v2", "mujoco/hopper/expert-v0", "emaq/InvertedPendulum-v5/random-v0",
+              "practice/walker2d/medium-v0", "mujoco/pusher/expert-v0"]
+
+
+@pytest.mark.parametrize("dataset_id", TABLE3_IDS + MUJOCO_IDS)
+def test_auto_preset_reads_the_environment_part_of_the_id(dataset_id):
+    expected = "table3" if dataset_id in TABLE3_IDS else "mujoco"
+    assert eo.preset_for(dataset_id) == expected
+    assert eo.check_args(eo.Args(dataset_id=dataset_id), torch.device("cpu")).preset == expected
