@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,20 +31,48 @@ from torch import nn
 # (256, 4, 128, 1, 128, 80) = (state hidden, state layers, head hidden, head layers, Lin_i size,
 # bins), embedding size = state hidden size (Appendix G.3).
 PRESETS = {
-    "mujoco": dict(state_hidden=750, state_layers=2, embed_dim=750, head_hidden=256, head_layers=3, prefix_dim=0, num_bins=40),
-    "table3": dict(state_hidden=256, state_layers=4, embed_dim=256, head_hidden=128, head_layers=1, prefix_dim=128, num_bins=80),
+    "mujoco": dict(
+        state_hidden=750, state_layers=2, embed_dim=750, head_hidden=256, head_layers=3, prefix_dim=0, num_bins=40
+    ),
+    "table3": dict(
+        state_hidden=256, state_layers=4, embed_dim=256, head_hidden=128, head_layers=1, prefix_dim=128, num_bins=80
+    ),
 }
+
+
+@dataclass
+class BehaviorConfig:
+    """Everything that builds a BehaviorModel; saved beside its weights (nanoGPT's GPTConfig)."""
+
+    obs_dim: int
+    action_low: list[float]
+    action_high: list[float]
+    state_hidden: int = 750
+    state_layers: int = 2
+    embed_dim: int = 750
+    head_hidden: int = 256
+    head_layers: int = 3
+    prefix_dim: int = 0  # 0: the raw prefix a[:i] (App. B); > 0: Lin_i(a[:i]) of this size (App. G.3)
+    num_bins: int = 40
 
 
 def action_bounds(action_space) -> tuple[list[float], list[float]]:
     """(low, high) of a bounded 1-D Box action space; a clear ValueError for anything else."""
-    supported = "EMaQ's behavior model supports a continuous gymnasium.spaces.Box action space of shape (act_dim,) with finite low and high"
+    supported = (
+        "EMaQ's behavior model supports a continuous gymnasium.spaces.Box action space of shape (act_dim,) "
+        "with finite low and high"
+    )
     name = type(action_space).__name__
     if name != "Box" or not hasattr(action_space, "low"):
         raise ValueError(f"unsupported action space {action_space!r} ({name}): {supported}.")
-    low, high = torch.as_tensor(action_space.low, dtype=torch.float64), torch.as_tensor(action_space.high, dtype=torch.float64)
+    low, high = (
+        torch.as_tensor(action_space.low, dtype=torch.float64),
+        torch.as_tensor(action_space.high, dtype=torch.float64),
+    )
     if low.ndim != 1:
-        raise ValueError(f"unsupported action space {action_space!r}: shape {tuple(low.shape)} is not 1-D; {supported}.")
+        raise ValueError(
+            f"unsupported action space {action_space!r}: shape {tuple(low.shape)} is not 1-D; {supported}."
+        )
     if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
         raise ValueError(f"unsupported action space {action_space!r}: its bounds are infinite; {supported}.")
     return low.tolist(), high.tolist()
@@ -76,18 +105,33 @@ class BehaviorModel(nn.Module):
         low = torch.as_tensor(action_low, dtype=torch.float32).flatten()
         high = torch.as_tensor(action_high, dtype=torch.float32).flatten()
         if low.shape != high.shape or low.numel() == 0:
-            raise ValueError(f"action_low {tuple(low.shape)} and action_high {tuple(high.shape)} must be non-empty and of the same shape")
+            raise ValueError(
+                f"action_low {tuple(low.shape)} and action_high {tuple(high.shape)} must be non-empty and of one shape"
+            )
         if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
-            raise ValueError("action bounds must be finite: EMaQ's behavior model discretizes a bounded Box action space")
+            raise ValueError(
+                "action bounds must be finite: EMaQ's behavior model discretizes a bounded Box action space"
+            )
         if not (high > low).all():
             raise ValueError(f"every action_high must exceed action_low; got low={low.tolist()} high={high.tolist()}")
-        if min(obs_dim, state_hidden, embed_dim, head_hidden, head_layers, num_bins) < 1 or state_layers < 0 or prefix_dim < 0:
+        if (
+            min(obs_dim, state_hidden, embed_dim, head_hidden, head_layers, num_bins) < 1
+            or state_layers < 0
+            or prefix_dim < 0
+        ):
             raise ValueError("obs_dim, sizes, head_layers and num_bins must be >= 1; state_layers and prefix_dim >= 0")
         act_dim = low.numel()
-        self.config = dict(
-            obs_dim=int(obs_dim), action_low=low.tolist(), action_high=high.tolist(), state_hidden=state_hidden,
-            state_layers=state_layers, embed_dim=embed_dim, head_hidden=head_hidden, head_layers=head_layers,
-            prefix_dim=prefix_dim, num_bins=num_bins,
+        self.config = BehaviorConfig(
+            int(obs_dim),
+            low.tolist(),
+            high.tolist(),
+            state_hidden,
+            state_layers,
+            embed_dim,
+            head_hidden,
+            head_layers,
+            prefix_dim,
+            num_bins,
         )
         self.obs_dim, self.act_dim, self.num_bins = int(obs_dim), act_dim, num_bins
         self.register_buffer("low", low)
@@ -116,13 +160,15 @@ class BehaviorModel(nn.Module):
             self.lin_weight = _stacked_uniform(d, act_dim, prefix_dim, fan_in=max(act_dim, 1))
             self.lin_bias = _stacked_uniform(d, 1, prefix_dim, fan_in=max(act_dim, 1))
         self.head_prefix = _stacked_uniform(d, prefix_width, hid, fan_in=embed_dim + prefix_width)
-        self.head_hidden_w = nn.ParameterList([_stacked_uniform(d, hid, hid, fan_in=hid) for _ in range(head_layers - 1)])
+        self.head_hidden_w = nn.ParameterList(
+            [_stacked_uniform(d, hid, hid, fan_in=hid) for _ in range(head_layers - 1)]
+        )
         self.head_hidden_b = nn.ParameterList([_stacked_uniform(d, 1, hid, fan_in=hid) for _ in range(head_layers - 1)])
         self.head_out_w = _stacked_uniform(d, hid, num_bins, fan_in=hid)
         self.head_out_b = _stacked_uniform(d, 1, num_bins, fan_in=hid)
 
     @classmethod
-    def from_preset(cls, preset: str, obs_dim: int, action_low, action_high, **overrides) -> "BehaviorModel":
+    def from_preset(cls, preset: str, obs_dim: int, action_low, action_high, **overrides) -> BehaviorModel:
         """Build with the paper's sizes: preset 'mujoco' (Table 2) or 'table3' (kitchen/antmaze/adroit)."""
         if preset not in PRESETS:
             raise ValueError(f"unknown behavior-model preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -132,15 +178,17 @@ class BehaviorModel(nn.Module):
     def _masked_prefix(self, actions: torch.Tensor) -> torch.Tensor:
         """Prefix features of every head from full actions [..., A] -> [..., D, P] (teacher forcing)."""
         actions = (actions - self.mid) / self.half_range
-        if self.config["prefix_dim"]:
-            return torch.einsum("...a,dap->...dp", actions, self.lin_weight * self.prefix_mask) + self.lin_bias.squeeze(1)
+        if self.config.prefix_dim:
+            return torch.einsum("...a,dap->...dp", actions, self.lin_weight * self.prefix_mask) + self.lin_bias.squeeze(
+                1
+            )
         return actions.unsqueeze(-2) * self.prefix_mask.squeeze(-1)  # head i sees a[:i] and zeros after
 
     def _head_tail(self, x: torch.Tensor, dims) -> torch.Tensor:
         """Hidden layers after the first and the output layer of the heads `dims` (a slice or an int).
 
         x: [D', M, H] for a slice of heads (batched matmul), or [M, H] for one head."""
-        for w, b in zip(self.head_hidden_w, self.head_hidden_b):
+        for w, b in zip(self.head_hidden_w, self.head_hidden_b, strict=True):
             x = (torch.baddbmm(b[dims], x, w[dims]) if x.ndim == 3 else torch.addmm(b[dims], x, w[dims])).relu_()
         # The logits feed the NLL and the inverse-CDF draw: fp32 even under bf16 autocast (bf16 would round them by
         # up to 0.06 at |logit| = 10, a 6% error in the odds of a bin).
@@ -150,7 +198,7 @@ class BehaviorModel(nn.Module):
 
     def logits(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits of every dimension, [B, D, num_bins] (eq. 62), all heads batched."""
-        batch, d, hid = obs.shape[0], self.act_dim, self.config["head_hidden"]
+        batch, d, hid = obs.shape[0], self.act_dim, self.config.head_hidden
         state_part = self.head_state(self.state_mlp(obs)).view(batch, d, hid)
         prefix = self._masked_prefix(actions)  # [B, D, P]
         prefix_part = torch.bmm(prefix.transpose(0, 1), self.head_prefix)  # [D, B, H]
@@ -166,7 +214,10 @@ class BehaviorModel(nn.Module):
     def loss(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Mean over the batch of -log p(labels | s): cross-entropy with teacher forcing, summed over dimensions."""
         logits = self.logits(obs, actions)
-        return F.cross_entropy(logits.flatten(0, 1).float(), self.labels(actions).flatten(), reduction="sum") / obs.shape[0]
+        return (
+            F.cross_entropy(logits.flatten(0, 1).float(), self.labels(actions).flatten(), reduction="sum")
+            / obs.shape[0]
+        )
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Continuous log-density log mu(a|s), [B]: bin log-probabilities minus log bin widths."""
@@ -175,9 +226,9 @@ class BehaviorModel(nn.Module):
         return bin_log_p - torch.log(self.bin_width).sum()
 
     def sample(
-        self, obs: torch.Tensor, num_samples: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None
+        self, obs: torch.Tensor, num_samples: int, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """N actions per state, [B, N, A] (eqs. 63-66). Logits are divided by `temperature`; 0 takes the most likely bin."""
+        """N actions per state, [B, N, A] (eqs. 63-66). Logits are divided by `temperature`; 0 takes the top bin."""
         # On a CPU, [B*N, 256] activations outgrow the caches: sampling a few thousand rows at a time is
         # up to 2x faster at large N. A GPU prefers one large launch.
         states_per_chunk = obs.shape[0] if obs.is_cuda else max(1, self.cpu_rows_per_chunk // num_samples)
@@ -187,7 +238,7 @@ class BehaviorModel(nn.Module):
 
     def _sample(self, obs, n, temperature, generator):
         batch, d = obs.shape[0], self.act_dim
-        hid, prefix_dim = self.config["head_hidden"], self.config["prefix_dim"]
+        hid, prefix_dim = self.config.head_hidden, self.config.prefix_dim
         state_part = self.head_state(self.state_mlp(obs)).view(batch, 1, d, hid)  # once per state
         actions = obs.new_zeros(batch, n, d)
         # One uniform per coordinate for the label (inverse CDF) and one for the point inside the bin.
@@ -200,7 +251,9 @@ class BehaviorModel(nn.Module):
                 if prefix_dim:  # Lin_i(a[:i]) (App. G.3)
                     prefix = torch.baddbmm(self.lin_bias[i], prefix, self.lin_weight[i, :i].expand(batch, -1, -1))
                 # state part (per state, broadcast over N) + prefix part, in one batched matmul
-                x = torch.baddbmm(state_part[:, :, i], prefix, self.head_prefix[i, : prefix.shape[-1]].expand(batch, -1, -1))
+                x = torch.baddbmm(
+                    state_part[:, :, i], prefix, self.head_prefix[i, : prefix.shape[-1]].expand(batch, -1, -1)
+                )
             logits = self._head_tail(x.reshape(-1, hid).relu_(), i).float().view(batch, x.shape[1], self.num_bins)
             if temperature > 0:
                 cdf = torch.softmax(logits / temperature, dim=-1).cumsum_(-1).expand(batch, n, -1).contiguous()
@@ -212,18 +265,16 @@ class BehaviorModel(nn.Module):
             actions[..., i] = self.low[i] + (label.to(actions.dtype) + u_label[1, :, :, i]) * self.bin_width[i]
         return torch.minimum(torch.maximum(actions, self.low), self.high)
 
-    def clip_to_bounds(self, actions: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Clip data actions to [low, high]; returns the clipped tensor and how many coordinates were outside."""
-        outside = int(((actions < self.low) | (actions > self.high)).sum())
-        return torch.minimum(torch.maximum(actions, self.low), self.high), outside
-
     # ----- saving and loading --------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Write weights and constructor configuration to one file, atomically (temporary file + rename)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp"
         try:
-            torch.save({"format": "emaq-behavior-model-v1", "config": self.config, "state_dict": self.state_dict()}, tmp)
+            torch.save(
+                {"format": "emaq-behavior-model-v1", "config": asdict(self.config), "state_dict": self.state_dict()},
+                tmp,
+            )
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -231,7 +282,9 @@ class BehaviorModel(nn.Module):
             raise
 
     @classmethod
-    def load(cls, path: str, obs_dim: Optional[int] = None, act_dim: Optional[int] = None, map_location="cpu") -> "BehaviorModel":
+    def load(
+        cls, path: str, obs_dim: int | None = None, act_dim: int | None = None, map_location="cpu"
+    ) -> BehaviorModel:
         """Rebuild a saved model; pass obs_dim/act_dim to refuse a model made for other shapes."""
         try:
             blob = torch.load(path, map_location=map_location, weights_only=True)
@@ -239,12 +292,15 @@ class BehaviorModel(nn.Module):
         except FileNotFoundError:
             raise ValueError(f"no behavior model at {path}: pass the mu.pt file that an earlier run saved") from None
         except Exception as e:  # truncated, tampered or foreign file
-            raise ValueError(f"{path} is not a readable behavior-model file ({type(e).__name__}); retrain mu or pass another file") from None
+            raise ValueError(
+                f"{path} is not a readable behavior-model file ({type(e).__name__}); retrain mu or pass another file"
+            ) from None
         saved_act = len(config["action_low"])
         if (obs_dim is not None and obs_dim != config["obs_dim"]) or (act_dim is not None and act_dim != saved_act):
             raise ValueError(
-                f"behavior model {path} was trained for observations of dim {config['obs_dim']} and actions of dim {saved_act}, "
-                f"but this data has observation dim {obs_dim} and action dim {act_dim}: pass a mu trained on this dataset, or drop the path to pretrain one"
+                f"behavior model {path} was trained for observations of dim {config['obs_dim']} and actions of dim "
+                f"{saved_act}, but this data has observation dim {obs_dim} and action dim {act_dim}: pass a mu trained "
+                f"on this dataset, or drop the path to pretrain one"
             )
         model = cls(**config)
         model.load_state_dict(state)

@@ -1,8 +1,8 @@
 """Offline EMaQ (Expected-Max Q-learning; Ghasemipour, Schuurmans & Gu, ICML 2021) on Minari datasets.
 
-One file, read top to bottom: data -> behavior model mu(a|s) -> Q ensemble with the EMaQ target (eq. 11)
--> the test-time policy (Algorithm 1) -> evaluation in the real environment -> logging.
-Docs: README.md. Search this file for "eq. 11" and "Algorithm 1" to find the algorithm.
+Read top to bottom: Args, data (a Minari dataset as tensors), the Q ensemble, EMaQ (the target of eq. 11, the update
+of eq. 10, the test-time policy of Algorithm 1), evaluation, main. Run plumbing (checks, checkpoints, resume,
+signals, dataset generation, Delta's files, --evaluate-run) comes after main. Docs: README.md.
 """
 
 import copy
@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -49,10 +49,10 @@ class Args:
     normalize_obs: bool = True
     """normalize observations with the dataset's mean and std (std + 1e-3), here and in the evaluation env"""
     preset: Literal["auto", "mujoco", "table3"] = "auto"
-    """sizes from Table 2 (mujoco) or Table 3 (kitchen/antmaze/adroit); 'auto' picks by dataset id"""
+    """sizes from Table 2 (mujoco) or Table 3 (kitchen/antmaze/adroit); 'auto' picks by the id's environment"""
 
     # Behavior model mu(a|s)
-    behavior_path: Optional[str] = None
+    behavior_path: str | None = None
     """load a saved mu (mu.pt of an earlier run) instead of pretraining one; a sweep over N reuses one mu"""
     behavior_updates: int = 300_000
     """maximum-likelihood updates of mu before EMaQ training"""
@@ -64,15 +64,15 @@ class Args:
     # EMaQ
     total_updates: int = 1_000_000
     """Q-ensemble updates"""
-    batch_size: Optional[int] = None
+    batch_size: int | None = None
     """minibatch size; unset: 256 (mujoco preset) or 128 (table3)"""
     num_samples: int = 10
     """N: actions sampled from mu for the target (eq. 11) and the test-time policy (Algorithm 1)"""
-    num_qs: Optional[int] = None
+    num_qs: int | None = None
     """K: Q functions in the ensemble; unset: 8 (mujoco) or 16 (table3)"""
-    q_hidden: Optional[int] = None
+    q_hidden: int | None = None
     """hidden width of every Q network; unset: 750 (mujoco) or 256 (table3)"""
-    q_layers: Optional[int] = None
+    q_layers: int | None = None
     """hidden layers of every Q network; unset: 3 (mujoco) or 4 (table3)"""
     q_lr: float = 1e-4
     """Adam learning rate of the Q ensemble"""
@@ -88,12 +88,6 @@ class Args:
     """'max': the EMaQ backup; 'soft': the softmax-weighted average over the N samples (Appendix J)"""
     soft_alpha: float = 10.0
     """alpha of the soft backup, weights softmax(alpha * Q) (Appendix J, eq. 74)"""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """matmul precision of the mu and Q updates (losses, softmax, Adam stay fp32); auto: bf16 where the device has native bf16"""
-    compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the Q update; auto: on for a GPU, off for a CPU (no gain there); falls back to eager if it fails"""
-    cudagraphs: Literal["auto", "on", "off"] = "auto"
-    """replay the compiled Q update as one CUDA graph (GPU only); auto: on whenever --compile is on a GPU"""
 
     # Evaluation, logging, saving
     eval_every: int = 5_000
@@ -101,12 +95,12 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation, run as one vectorized environment"""
     eval_seed: int = 0
-    """seed of the evaluation episodes (the same initial states at every evaluation)"""
+    """seed of the evaluation episodes and of their samples from mu (the same at every evaluation)"""
     log_every: int = 1_000
     """move losses to the host and log them every this many updates"""
     save_model: bool = False
     """write mu, the Q ensemble, its targets and optimizers, and the config into the run directory"""
-    evaluate_run: Optional[str] = None
+    evaluate_run: str | None = None
     """evaluate the model saved in this run directory and exit, without training"""
     delta_ns: tuple[int, ...] = (1, 2, 5, 10, 25, 50, 100, 200, 400)
     """N grid of the difficulty curve Delta(s, N) computed after training (Section 3.3); empty turns it off"""
@@ -114,41 +108,376 @@ class Args:
     """mu samples per state that stand in for mu's support in Delta(s, N)"""
     delta_states: int = 256
     """dataset states in Delta(s, N), beside the initial states of the evaluation episodes"""
-
-    # Checkpoints and resuming
     checkpoint_every: int = 10_000
     """write the full training state (atomically) every this many updates of mu and of the Q ensemble"""
-    resume: Optional[str] = None
-    """continue the run in this run directory from its last checkpoint"""
-    target_memory_gb: Optional[float] = None
+    resume: str | None = None
+    """continue the run in this run directory from its last checkpoint (a larger --total-updates extends it)"""
+
+    # Speed: how fast, never what is computed (README.md, "Benchmarks")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 matmuls in mu's and the Q updates (Q values, targets, losses, logits stay fp32); auto: bf16 where native"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the Q update; auto: on for a GPU, off for a CPU (no gain there); falls back to eager if it fails"""
+    cudagraphs: Literal["auto", "on", "off"] = "auto"
+    """replay the compiled Q update as one CUDA graph (GPU only); auto: on whenever --compile is on a GPU"""
+    target_memory_gb: float | None = None
     """memory budget of the target's B x N x K values; unset: half of the free device memory"""
 
 
-# Table 2 (MuJoCo) and Table 3 (kitchen, antmaze, adroit).
-PRESETS = {
-    "mujoco": dict(batch_size=256, num_qs=8, q_hidden=750, q_layers=3),
-    "table3": dict(batch_size=128, num_qs=16, q_hidden=256, q_layers=4),
-}
-TABLE3_ENVS = ("kitchen", "antmaze", "door", "hammer", "pen", "relocate")  # Minari's D4RL names of Table 3's domains
+# ---------------------------------------------------------------------------------------------------
+# Data: a Minari dataset -> transitions (s, a, r, s', terminal) as tensors on the training device
+# ---------------------------------------------------------------------------------------------------
+def flatten_obs(space: gym.Space, obs) -> np.ndarray:
+    """[T, ...] observations -> [T, obs_dim] float32. Dict spaces are concatenated in the space's key order, by the
+    same function for the dataset and the evaluation environment, so the order always agrees."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten_obs(sub, obs[key]) for key, sub in space.spaces.items()], axis=1)
+    if isinstance(space, gym.spaces.Box):
+        obs = np.asarray(obs, dtype=np.float32)
+        return obs.reshape(obs.shape[0], -1)
+    fail(f"unsupported observation space {space}: use Box or (nested) Dict of Box observations")
 
 
-def preset_for(dataset_id: str) -> str:
-    """Table 3's sizes for kitchen, antmaze and adroit, decided by the environment part of the id, never a substring
-    ("pen" is not "invertedpendulum"): D4RL/pen/cloned-v2 -> pen; emaq/AntMaze_UMaze-v4/random-v0 -> antmaze_umaze."""
-    parts = dataset_id.lower().split("/")
-    env = re.sub(r"-v\d+$", "", parts[-2] if len(parts) >= 2 else parts[0])
-    generated = env.startswith(("frankakitchen", "antmaze_", "adroithand"))  # Gymnasium-Robotics ids of the same domains
-    return "table3" if env in TABLE3_ENVS or generated else "mujoco"
+def episodes_to_transitions(dataset) -> dict[str, np.ndarray]:
+    """Every episode has T+1 observations and T actions: transition t is (o_t, a_t, r_t, o_{t+1}, terminated_t).
+    terminal is termination only: a truncated (time-limit) ending still bootstraps from o_{t+1}."""
+    parts = {key: [] for key in ("obs", "actions", "rewards", "next_obs", "terminals")}
+    for episode in dataset.iterate_episodes():
+        obs = flatten_obs(dataset.observation_space, episode.observations)
+        steps = len(episode.rewards)
+        if obs.shape[0] != steps + 1:
+            fail(f"episode {episode.id} has {obs.shape[0]} observations for {steps} steps: expected T+1")
+        parts["obs"].append(obs[:-1])
+        parts["next_obs"].append(obs[1:])
+        parts["actions"].append(np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1))
+        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
+        parts["terminals"].append(np.asarray(episode.terminations, dtype=np.float32))
+    return {key: np.concatenate(value) for key, value in parts.items()}
 
-# D4RL's reference returns (random policy, expert), used where a dataset has no reference scores of its own.
-D4RL_REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-}
+
+# ---------------------------------------------------------------------------------------------------
+# Q ensemble: K MLPs evaluated together, one batched matmul per layer
+# ---------------------------------------------------------------------------------------------------
+class QEnsemble(nn.Module):
+    """K Q networks Q_k(s, a), weights stacked as [K, in, out]. The first layer is split into a state part, computed
+    once per state, and an action part, computed per sampled action: Q(s', a'_i) for N samples costs one state
+    projection, not N."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_qs: int, hidden: int, layers: int):
+        super().__init__()
+
+        def stacked(fan_in, *shape):  # nn.Linear's default initialization, for every member
+            bound = 1 / fan_in**0.5
+            return nn.Parameter(torch.empty(num_qs, *shape).uniform_(-bound, bound))
+
+        self.w_obs = stacked(obs_dim + act_dim, obs_dim, hidden)
+        self.w_act = stacked(obs_dim + act_dim, act_dim, hidden)
+        self.b_in = stacked(obs_dim + act_dim, 1, hidden)
+        self.w_hidden = nn.ParameterList([stacked(hidden, hidden, hidden) for _ in range(layers - 1)])
+        self.b_hidden = nn.ParameterList([stacked(hidden, 1, hidden) for _ in range(layers - 1)])
+        self.w_out, self.b_out = stacked(hidden, hidden, 1), stacked(hidden, 1, 1)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """obs [B, S], actions [B, N, A] -> Q values [K, B, N]."""
+        (batch, n, act_dim), k = actions.shape, self.w_obs.shape[0]
+        state_part = torch.baddbmm(self.b_in, obs.expand(k, -1, -1), self.w_obs)  # [K, B, H], once per state
+        action_part = torch.bmm(actions.reshape(1, batch * n, act_dim).expand(k, -1, -1), self.w_act)  # [K, B*N, H]
+        x = (action_part.view(k, batch, n, -1) + state_part.unsqueeze(2)).relu_().view(k, batch * n, -1)
+        for w, b in zip(self.w_hidden, self.b_hidden, strict=True):
+            x = torch.baddbmm(b, x, w).relu_()
+        # The values EMaQ compares (max over N) and regresses (eq. 10) leave in fp32, also under bf16 autocast:
+        # bf16's spacing at Q = 1000 is 4 to 8, as large as the differences between the N candidates.
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.baddbmm(self.b_out.float(), x.float(), self.w_out.float()).view(k, batch, n)
 
 
+def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:
+    """Ensemble / TestEnsemble over the K members (dim 0): lambda * min + (1 - lambda) * max."""
+    return lam * q_values.min(0).values + (1 - lam) * q_values.max(0).values
+
+
+# ---------------------------------------------------------------------------------------------------
+# EMaQ: the target (eq. 11), one update (eq. 10), and the test-time policy (Algorithm 1)
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def emaq_target(mu, q_target, rewards, next_obs, terminals, args, states_per_chunk: int | None = None) -> torch.Tensor:
+    """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')   (eq. 11).
+    The B x N x K values are computed `states_per_chunk` next states at a time (see `target_states_per_chunk`)."""
+    samples = mu.sample(next_obs, args.num_samples)  # [B, N, A], all at once: mu sizes its own chunks
+    backups, chunk = [], states_per_chunk or len(next_obs)
+    for obs_chunk, samples_chunk in zip(next_obs.split(chunk), samples.split(chunk), strict=True):
+        values = ensemble(q_target(obs_chunk, samples_chunk), args.ensemble_lambda)  # [b, N], fp32
+        if args.backup == "max":
+            backups.append(values.max(-1).values)
+        else:  # soft-EMaQ (Appendix J, eq. 71-74): softmax(alpha * Q)-weighted average of the N values
+            backups.append((torch.softmax(args.soft_alpha * values, -1) * values).sum(-1))
+    return rewards + args.gamma * (1 - terminals) * torch.cat(backups)
+
+
+def emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, args, states_per_chunk) -> dict:
+    """One Q-ensemble update (eq. 10) on a batch; metrics stay on the device. The target reads `target_mu` and
+    `target_q`: mu and q_target themselves, or their bf16 read copies (refreshed here after the EMA)."""
+    obs, actions, rewards, next_obs, terminals = batch
+    with autocast(args.precision, obs.device):
+        target = emaq_target(target_mu, target_q, rewards, next_obs, terminals, args, states_per_chunk)  # eq. 11
+        q = q_ensemble(obs, actions.unsqueeze(1)).squeeze(-1)  # [K, B]
+    loss = ((q - target) ** 2).mean(1).sum()  # eq. 10: each member's mean squared error, summed (independent members)
+    q_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    q_optimizer.step()
+    with torch.no_grad():
+        for p_target, p, p_read in zip(
+            q_target.parameters(), q_ensemble.parameters(), target_q.parameters(), strict=True
+        ):
+            p_target.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
+            if p_read is not p_target:
+                p_read.copy_(p_target)
+    return {
+        "qf_loss": loss.detach() / args.num_qs,
+        "qf_values": q.detach().mean(),
+        "q_ensemble_std": q.detach().std(0).mean(),
+        "target_values": target.mean(),
+    }
+
+
+@torch.no_grad()
+def test_time_policy(mu, q_ensemble, obs, num_samples: int, test_lambda: float, generator=None) -> torch.Tensor:
+    """Algorithm 1: sample N actions from mu(.|s), return the argmax of TestEnsemble({Q_k(s, a_i)})."""
+    candidates = mu.sample(obs, num_samples, generator=generator)  # [B, N, A]
+    scores = ensemble(q_ensemble(obs, candidates), test_lambda)  # [B, N]
+    return candidates[torch.arange(len(obs), device=obs.device), scores.argmax(-1)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation in the environment recovered from the dataset, vectorized over episodes
+# ---------------------------------------------------------------------------------------------------
+def evaluate(policy, envs, obs_space, normalize, seed: int, device) -> np.ndarray:
+    """Undiscounted return of the first episode of every sub-environment. The policy draws from its own generator,
+    seeded like the episodes: evaluating never moves the training's random streams."""
+    obs, _ = envs.reset(seed=seed)
+    generator = torch.Generator(device).manual_seed(seed)
+    returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
+    while not done.all():
+        obs_t = normalize(torch.as_tensor(flatten_obs(obs_space, obs), device=device))
+        actions = policy(obs_t, generator).cpu().numpy()
+        obs, rewards, terminated, truncated, _ = envs.step(actions)
+        returns += rewards * ~done
+        done |= terminated | truncated
+    return returns
+
+
+def normalized(returns, ref):
+    """D4RL convention: 100 * (return - random) / (expert - random)."""
+    return None if ref is None else float(100 * (np.mean(returns) - ref[0]) / (ref[1] - ref[0]))
+
+
+@torch.no_grad()
+def delta_curve(mu, q_ensemble, states, ns, support_samples: int, test_lambda: float, generator=None) -> np.ndarray:
+    """Delta(s, N) = max_{a in supp mu(.|s)} Q(s, a) - E_{a_1..a_N ~ mu}[max_i Q(s, a_i)] with Q = TestEnsemble,
+    [S, len(ns)] (Section 3.3, Theorem 3.5). M samples of mu(.|s) stand in for its support: the max over the support
+    is their max, and E[max of N] is exact over their empirical distribution: with the M values sorted,
+    P(max = v_(j)) = (j/M)^N - ((j-1)/M)^N."""
+    m = support_samples
+    j = torch.arange(1, m + 1, dtype=torch.float64, device=states.device) / m
+    weights = torch.stack([j**n - (j - 1 / m) ** n for n in ns]).float()  # [len(ns), M]
+    rows = []
+    for chunk in states.split(max(1, 16_384 // m)):  # bound the memory of K x chunk x M values
+        samples = mu.sample(chunk, m, generator=generator)
+        values = ensemble(q_ensemble(chunk, samples), test_lambda).sort(-1).values  # [b, M]
+        rows.append(values[:, -1:] - values @ weights.T)
+    return torch.cat(rows).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+def main(args: Args):
+    if args.evaluate_run:
+        return evaluate_saved_run(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    args, ckpt = resolve_resume(args)
+    args = check_args(args, device)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # Data: the whole dataset lives on the device, observations normalized once
+    dataset = load_minari_dataset(args.dataset_id, args.seed)
+    low, high = dataset_action_bounds(dataset, args.dataset_id)
+    data = check_and_clip(episodes_to_transitions(dataset), low, high, args.dataset_id)
+    data = {key: torch.as_tensor(value, device=device) for key, value in data.items()}
+    num_transitions, obs_dim, act_dim = *data["obs"].shape, data["actions"].shape[1]
+    obs_mean, obs_std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
+    if not args.normalize_obs:
+        obs_mean, obs_std = torch.zeros_like(obs_mean), torch.ones_like(obs_std)
+    normalize = lambda o: (o - obs_mean) / obs_std  # noqa: E731
+    data["obs"], data["next_obs"] = normalize(data["obs"]), normalize(data["next_obs"])
+    batch_keys = ("obs", "actions", "rewards", "next_obs", "terminals")
+    envs, ref = make_eval_envs(dataset, args.eval_episodes), reference_scores(dataset)
+    perm = torch.randperm(num_transitions, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    num_holdout = min(int(args.behavior_holdout * num_transitions), 10_000)
+    holdout_idx, train_idx = perm[:num_holdout], perm[num_holdout:]  # mu's held-out NLL
+
+    # Models: mu, the Q ensemble and its EMA target; a checkpoint, if resuming, is restored here and only here
+    if args.behavior_path:
+        mu = load_behavior_model(args, obs_dim, act_dim).to(device)
+    else:
+        mu = BehaviorModel.from_preset(args.preset, obs_dim, low, high).to(device)
+    mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr, fused=True)
+    q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
+    q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
+    q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
+    models = dict(mu=mu, mu_optimizer=mu_optimizer, q_ensemble=q_ensemble, q_target=q_target, q_optimizer=q_optimizer)
+    run = dict(phase="behavior", step=0, history=[], mu_eval=None)  # where training stands; checkpointed
+    if ckpt:
+        run = restore_checkpoint(ckpt, models, args)
+    run_dir, writer = open_run_dir(args, ckpt)
+    log(
+        f"{args.dataset_id}: {num_transitions} transitions, obs {obs_dim}, actions {act_dim}, device {device}, "
+        f"run {run_dir}" + (f", resuming {ckpt['phase']} at update {ckpt['step']}" if ckpt else "")
+    )
+    nonfinite_at = torch.full((), -1, device=device)  # the first update whose loss was NaN/Inf; read when logging
+    save = lambda: save_checkpoint(run_dir, run, models, nonfinite_at)  # noqa: E731
+    handle_stop_signals()
+
+    # mu(a|s): maximum likelihood on the training split (teacher forcing, all dimensions in one pass)
+    if run["phase"] == "behavior" and not args.behavior_path:
+        progress = tqdm(
+            range(run["step"] + 1, args.behavior_updates + 1),
+            desc="mu",
+            unit="upd",
+            mininterval=1.0,
+            initial=run["step"],
+            total=args.behavior_updates,
+        )
+        for step in progress:
+            idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), device=device)]
+            with autocast(args.precision, device):
+                nll = mu.loss(data["obs"][idx], data["actions"][idx])
+            mu_optimizer.zero_grad(set_to_none=True)
+            nll.backward()
+            mu_optimizer.step()
+            nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(nll), step, nonfinite_at)
+            run["step"] = step
+            if step % args.log_every == 0 or step == args.behavior_updates:
+                stop_if_nonfinite(nonfinite_at, run_dir)  # host syncs: once per log interval
+                writer.add_scalar("losses/behavior_nll", nll.item(), step)
+                progress.set_postfix(nll=f"{nll.item():.3f}")
+            if step % args.checkpoint_every == 0:
+                save()
+            stop_if_requested(run, save, run_dir)
+    mu.eval().requires_grad_(False)
+    if run["phase"] == "behavior":  # mu alone: the behavior-cloning baseline, before any EMaQ training
+        mu.save(os.path.join(run_dir, "mu.pt"))
+        atomic_save(dict(dataset_id=args.dataset_id, normalize_obs=args.normalize_obs), f"{run_dir}/mu.json")
+        with torch.no_grad():
+            heldout = [-mu.log_prob(data["obs"][i], data["actions"][i]) for i in holdout_idx.split(4096)]
+        if heldout:
+            writer.add_scalar("eval/behavior_heldout_nll", torch.cat(heldout).mean().item(), 0)
+        mu_returns = evaluate(
+            lambda o, g: mu.sample(o, 1, generator=g)[:, 0],
+            envs,
+            dataset.observation_space,
+            normalize,
+            args.eval_seed,
+            device,
+        )
+        run["mu_eval"] = {"returns": mu_returns.tolist(), "score": normalized(mu_returns, ref)}
+        writer.add_scalar("eval/behavior_return", mu_returns.mean(), 0)
+        if ref:
+            writer.add_scalar(f"eval/behavior_{ref[2]}", run["mu_eval"]["score"], 0)
+        run["phase"], run["step"] = "emaq", 0
+    mu_return, mu_score = float(np.mean(run["mu_eval"]["returns"])), run["mu_eval"]["score"]
+    log(f"mu alone: return {mu_return:.1f}" + (f", {ref[2]} {mu_score:.1f}" if ref else ""))
+
+    # EMaQ: the Q ensemble trained with the target of eq. 11 (Algorithm 1, Appendix C)
+    target_mu, target_q = mu, q_target  # in bf16, the target reads bf16 copies (the fp32 target stays the EMA's master)
+    if args.precision == "bf16":
+        target_mu, target_q = bf16_copy(mu, MU_OUTPUT), bf16_copy(q_target, Q_OUTPUT)
+    states_per_chunk = target_states_per_chunk(args, mu, device)
+
+    def update():
+        idx = torch.randint(num_transitions, (args.batch_size,), device=device)  # drawn on the device
+        batch = [data[key][idx] for key in batch_keys]
+        return emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, args, states_per_chunk)
+
+    update = compile_update(update, args)  # torch.compile (+ CUDA graphs) where it pays; eager otherwise
+
+    def policy(obs, generator):  # Algorithm 1
+        return test_time_policy(mu, q_ensemble, obs, args.num_samples, args.test_ensemble_lambda, generator)
+
+    progress = tqdm(
+        range(run["step"] + 1, args.total_updates + 1),
+        desc="EMaQ",
+        unit="upd",
+        mininterval=1.0,
+        initial=run["step"],
+        total=args.total_updates,
+    )
+    # updates/s are measured from 10 updates in (a burn-in), so compiling does not count as training speed
+    burn_in_end, speed_from, speed_step = run["step"] + 10, None, None
+    for step in progress:
+        metrics = update()
+        finite = torch.isfinite(metrics["qf_loss"]) & torch.isfinite(metrics["qf_values"])
+        nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, step, nonfinite_at)
+        run["step"] = step
+        is_last = step == args.total_updates
+        if step == burn_in_end:
+            speed_from, speed_step = time.time(), step
+        if step % args.log_every == 0 or step % args.checkpoint_every == 0 or is_last:
+            stop_if_nonfinite(nonfinite_at, run_dir)  # host syncs: once per log or checkpoint interval
+            for key, value in metrics.items():
+                writer.add_scalar(f"losses/{key}", value.item(), step)
+            if speed_from is not None and step > speed_step:
+                writer.add_scalar("charts/SPS", (step - speed_step) / (time.time() - speed_from), step)
+                speed_from, speed_step = time.time(), step
+        if step % args.eval_every == 0 or is_last:
+            returns = evaluate(policy, envs, dataset.observation_space, normalize, args.eval_seed, device)
+            score = normalized(returns, ref)
+            run["history"].append([step, float(returns.mean()), score])
+            writer.add_scalar("eval/episodic_return", returns.mean(), step)
+            writer.add_scalar("eval/episodic_return_std", returns.std(), step)
+            if ref:
+                writer.add_scalar(f"eval/{ref[2]}", score, step)
+            progress.set_postfix(ret=f"{returns.mean():.0f}", **({"score": f"{score:.1f}"} if ref else {}))
+        if step % args.checkpoint_every == 0 and not is_last:
+            save()
+        stop_if_requested(run, save, run_dir)
+    progress.close()
+
+    # Delta(s, N) (Section 3.3), the final checkpoint and the summary
+    if args.delta_ns:
+        compute_delta(args, run_dir, writer, mu, q_ensemble, envs, dataset.observation_space, normalize, data["obs"])
+    envs.close()
+    if args.save_model:
+        mu.save(os.path.join(run_dir, "mu.pt"))
+        saved = dict(
+            q_ensemble=q_ensemble.state_dict(),
+            q_target=q_target.state_dict(),
+            step=args.total_updates,
+            q_optimizer=q_optimizer.state_dict(),
+            obs_mean=obs_mean.cpu(),
+            obs_std=obs_std.cpu(),
+        )
+        atomic_save(saved, os.path.join(run_dir, "model.pt"))
+    run["phase"] = "done"
+    save()
+    summary = dict(
+        dataset_id=args.dataset_id,
+        mu_return=mu_return,
+        mu_score=mu_score,
+        score_tag=ref[2] if ref else None,
+        history=run["history"],
+    )
+    atomic_save(summary, os.path.join(run_dir, "summary.json"))
+    writer.close()
+    print(one_line_summary(args.dataset_id, mu_return, mu_score, run["history"], run_dir))
+    return summary
+
+
+# ===================================================================================================
+# Run plumbing. A reader can stop here: what follows checks flags, loads and generates datasets, makes the update
+# fast, writes checkpoints and resumes, handles signals, writes Delta's files and evaluates saved runs.
+# ===================================================================================================
 def log(message: str):
     """Progress notes go to stderr beside the progress bars; stdout carries only the final summary line."""
     tqdm.write(message, file=sys.stderr)
@@ -167,6 +496,24 @@ def fail(message: str):
     sys.exit(2)
 
 
+# Table 2 (MuJoCo) and Table 3 (kitchen, antmaze, adroit).
+PRESETS = {
+    "mujoco": dict(batch_size=256, num_qs=8, q_hidden=750, q_layers=3),
+    "table3": dict(batch_size=128, num_qs=16, q_hidden=256, q_layers=4),
+}
+TABLE3_ENVS = ("kitchen", "antmaze", "door", "hammer", "pen", "relocate")  # Minari's D4RL names of Table 3's domains
+
+
+def preset_for(dataset_id: str) -> str:
+    """Table 3's sizes for kitchen, antmaze and adroit, decided by the environment part of the id, never a substring
+    ("pen" is not "invertedpendulum"): D4RL/pen/cloned-v2 -> pen; emaq/AntMaze_UMaze-v4/random-v0 -> antmaze_umaze."""
+    parts = dataset_id.lower().split("/")
+    env = re.sub(r"-v\d+$", "", parts[-2] if len(parts) >= 2 else parts[0])
+    # generated ids of the same domains name Gymnasium-Robotics environments
+    generated = env.startswith(("frankakitchen", "antmaze_", "adroithand"))
+    return "table3" if env in TABLE3_ENVS or generated else "mujoco"
+
+
 def check_args(args: Args, device) -> Args:
     """Fill in presets and 'auto' flags, refuse impossible values. Speed flags' auto: the fastest correct path measured
     (README.md, "Benchmarks"): bf16 where matmuls run natively in it; compile and CUDA graphs on a GPU, not on a CPU."""
@@ -175,29 +522,36 @@ def check_args(args: Args, device) -> Args:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.precision == "auto":  # torch.cpu's helpers are private: where a build lacks them, assume no native bf16
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else any(
-            getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        args.precision = "bf16" if native else "fp32"
-    args.compile = ("on" if device.type == "cuda" else "off") if args.compile == "auto" else args.compile
-    args.cudagraphs = ("on" if device.type == "cuda" and args.compile == "on" else "off") if args.cudagraphs == "auto" else args.cudagraphs
+    resolve_speed_flags(args, device)
     problems = [
         (args.num_samples < 1, f"--num-samples (N) must be >= 1, got {args.num_samples}"),
         (args.num_qs < 1, f"--num-qs (K) must be >= 1, got {args.num_qs}"),
         (not 0 <= args.ensemble_lambda <= 1, f"--ensemble-lambda must lie in [0, 1], got {args.ensemble_lambda}"),
-        (not 0 <= args.test_ensemble_lambda <= 1, f"--test-ensemble-lambda must lie in [0, 1], got {args.test_ensemble_lambda}"),
-        (min(args.batch_size, args.q_hidden, args.q_layers, args.eval_episodes, args.eval_every, args.log_every) < 1,
-         "--batch-size, --q-hidden, --q-layers, --eval-episodes, --eval-every and --log-every must be >= 1"),
+        (not 0 <= args.test_ensemble_lambda <= 1, "--test-ensemble-lambda must lie in [0, 1]"),
+        (
+            min(args.batch_size, args.q_hidden, args.q_layers, args.eval_episodes, args.eval_every, args.log_every) < 1,
+            "--batch-size, --q-hidden, --q-layers, --eval-episodes, --eval-every and --log-every must be >= 1",
+        ),
         (min(args.total_updates, args.behavior_updates) < 0, "--total-updates and --behavior-updates must be >= 0"),
         (args.checkpoint_every < 1, "--checkpoint-every must be >= 1"),
         (not 0 <= args.ema < 1 or not 0 <= args.gamma <= 1, "--ema must lie in [0, 1) and --gamma in [0, 1]"),
-        (args.behavior_path is None and args.behavior_updates == 0 and args.evaluate_run is None,
-         "--behavior-updates 0 needs --behavior-path: mu must come from somewhere"),
-        (any(n < 1 for n in args.delta_ns) or args.delta_support_samples < 1 or args.delta_states < 0,
-         "--delta-ns must hold values >= 1, --delta-support-samples must be >= 1 and --delta-states >= 0"),
+        (
+            args.behavior_path is None and args.behavior_updates == 0,
+            "--behavior-updates 0 needs --behavior-path: mu must come from somewhere",
+        ),
+        (
+            any(n < 1 for n in args.delta_ns) or args.delta_support_samples < 1 or args.delta_states < 0,
+            "--delta-ns values and --delta-support-samples must be >= 1, --delta-states >= 0",
+        ),
         (not 0 <= args.behavior_holdout < 0.5, f"--behavior-holdout must lie in [0, 0.5), got {args.behavior_holdout}"),
-        (args.cudagraphs == "on" and device.type != "cuda", "--cudagraphs on needs a CUDA GPU, and this run is on the CPU: drop the flag"),
-        (args.cudagraphs == "on" and args.compile == "off", "--cudagraphs on replays the compiled update: pass --compile on, or --cudagraphs off"),
+        (
+            args.cudagraphs == "on" and device.type != "cuda",
+            "--cudagraphs on needs a CUDA GPU, and this run is on the CPU: drop the flag",
+        ),
+        (
+            args.cudagraphs == "on" and args.compile == "off",
+            "--cudagraphs on replays the compiled update: pass --compile on, or --cudagraphs off",
+        ),
     ]
     for bad, message in problems:
         if bad:
@@ -205,16 +559,142 @@ def check_args(args: Args, device) -> Args:
     return args
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data: a Minari dataset -> transitions (s, a, r, s', terminal) as tensors on the training device
-# ---------------------------------------------------------------------------------------------------
+# ----- speed: bf16 read copies, target chunks, torch.compile and CUDA graphs ---------------------------
+def resolve_speed_flags(args, device):
+    """'auto' speed flags: bf16 where the device computes it natively (CUDA with bf16, AVX512-BF16 or AMX on a CPU),
+    compile and CUDA graphs on a GPU only (no gain on a CPU; README.md, "Benchmarks")."""
+    if args.precision == "auto":  # torch.cpu's helpers are private: where a build lacks them, assume no native bf16
+        cpu_checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        cpu_native = any(getattr(torch.cpu, f, lambda: False)() for f in cpu_checks)
+        args.precision = "bf16" if (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_native) else "fp32"
+    if args.compile == "auto":
+        args.compile = "on" if device.type == "cuda" else "off"
+    if args.cudagraphs == "auto":
+        args.cudagraphs = "on" if device.type == "cuda" and args.compile == "on" else "off"
+
+
+def autocast(precision: str, device):
+    """bf16 autocast for the matmuls, or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+MU_OUTPUT, Q_OUTPUT = ("head_out_w", "head_out_b"), ("w_out", "b_out")  # output layers: fp32 in the bf16 read copies
+CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU; see target_states_per_chunk
+
+
+def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
+    """A frozen copy with bf16 parameters, except the output layers named in `keep_fp32` (they make the compared values,
+    in fp32) and buffers: autocast would cast the fp32 weights again at every call and every chunk; the target reads
+    these, refreshed once per update."""
+    module = copy.deepcopy(module).requires_grad_(False)
+    for name, p in module.named_parameters():
+        if name.split(".")[0] not in keep_fp32:
+            p.data = p.data.to(torch.bfloat16)
+    return module
+
+
+def target_states_per_chunk(args, mu: BehaviorModel, device) -> int:
+    """Next states per target chunk: as many as half the free memory holds (refused up front if not one), and on a CPU
+    at most CPU_TARGET_ROWS // N: [K, rows, H] activations of a few MB stay in the caches and in malloc's heap, where
+    30-60 MB tensors are mapped and page-faulted afresh at every layer (README.md, "Benchmarks")."""
+    per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + 4 * mu.config.head_hidden + 3 * mu.num_bins)
+    if args.target_memory_gb:
+        budget = args.target_memory_gb * 2**30
+    elif device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] / 2
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                budget = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable")) / 2
+        except (OSError, StopIteration):
+            budget = 4 * 2**30
+    if per_state > budget:
+        fail(
+            f"the EMaQ target needs {per_state / 2**30:.2f} GiB per state for N={args.num_samples}, more than the "
+            f"{budget / 2**30:.2f} GiB budget: lower --num-samples or --num-qs"
+        )
+    states = int(min(args.batch_size, budget // per_state))
+    return states if device.type != "cpu" else max(1, min(states, CPU_TARGET_ROWS // args.num_samples))
+
+
+def compile_update(update, args):
+    """torch.compile the update (mode reduce-overhead: one CUDA graph per update) when asked; if compiling fails
+    (no C++ compiler, no Triton, an unsupported op), warn once and go on eagerly (a real error recurs eagerly)."""
+    if args.compile != "on":  # "auto" was resolved by check_args
+        return update
+    compiled = torch.compile(update, mode="reduce-overhead" if args.cudagraphs == "on" else None, dynamic=False)
+
+    def compiled_update(*batches) -> dict:
+        nonlocal compiled
+        if args.cudagraphs == "on":  # a new step: the replay may overwrite the last step's outputs (read them before)
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            return compiled(*batches)
+        except Exception as e:
+            if compiled is update:
+                raise
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
+            log(f"warning: torch.compile failed ({reason}); continuing eagerly")
+            compiled = update
+            return update(*batches)
+
+    return compiled_update
+
+
+# ----- datasets: load, download, generate ------------------------------------------------------------
 RANDOM_ID = re.compile(r"emaq/(?P<env_id>[^/]+)/random(?:_(?P<steps>\d+))?-v0")
+
+# D4RL's reference returns (random policy, expert), used where a dataset has no reference scores of its own.
+D4RL_REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+
+
+def load_minari_dataset(dataset_id: str, seed: int):
+    """A local dataset as it is; our generated ids on first use; any other id downloaded once."""
+    import minari
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    if dataset_id not in minari.list_local_datasets():
+        match = RANDOM_ID.fullmatch(dataset_id)
+        if match:
+            generate_random_dataset(dataset_id, match["env_id"], int(match["steps"] or 1_000_000), seed)
+        elif not network_available():
+            fail(
+                f"dataset {dataset_id!r} is not in {get_dataset_path()} and there is no network: run "
+                f"`minari download {dataset_id}` elsewhere and copy it there, or use emaq/HalfCheetah-v5/random-v0"
+            )
+        else:
+            try:
+                minari.download_dataset(dataset_id)
+            except Exception as e:
+                fail(f"could not download dataset {dataset_id!r} ({e}): check the id with `minari list remote`")
+    try:
+        return minari.load_dataset(dataset_id)
+    except Exception as e:
+        fail(f"could not load dataset {dataset_id!r}: {e}")
+
+
+def network_available(host="huggingface.co", port=443, timeout=3.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def generate_random_dataset(dataset_id: str, env_id: str, steps: int, seed: int):
-    """The paper's 'random' protocol: `steps` transitions of a uniform random policy, saved as a Minari dataset."""
+    """The paper's 'random' protocol: `steps` transitions of a uniform random policy, saved as a Minari dataset.
+    Written into a hidden folder of the Minari root, then renamed into place: a killed generation leaves nothing
+    that looks like a dataset, and the next run generates it again."""
+    import shutil
+
     import minari
     from minari.data_collector.episode_buffer import EpisodeBuffer
+    from minari.storage.datasets_root_dir import get_dataset_path
 
     try:
         env = gym.make(env_id)
@@ -228,85 +708,57 @@ def generate_random_dataset(dataset_id: str, env_id: str, steps: int, seed: int)
         action = env.action_space.sample()
         obs, reward, terminated, truncated, _ = env.step(action)
         truncated = truncated or t == steps - 1  # the last, cut-off episode ends truncated
-        for key, value in zip(episode, (obs, action, reward, terminated, truncated)):
+        for key, value in zip(episode, (obs, action, reward, terminated, truncated), strict=True):
             episode[key].append(value)
         if terminated or truncated:
             if terminated or len(episode["rewards"]) == env.spec.max_episode_steps:
                 returns.append(sum(episode["rewards"]))  # complete episodes only: the random policy's return
-            buffers.append(EpisodeBuffer(id=len(buffers), observations=np.asarray(episode["observations"]), actions=np.asarray(episode["actions"]),
-                                         rewards=episode["rewards"], terminations=episode["terminations"], truncations=episode["truncations"]))
+            buffer = dict(observations=np.asarray(episode["observations"]), actions=np.asarray(episode["actions"]))
+            buffers.append(EpisodeBuffer(id=len(buffers), **buffer, **{k: episode[k] for k in list(episode)[2:]}))
             obs, _ = env.reset()
             episode = dict(observations=[obs], actions=[], rewards=[], terminations=[], truncations=[])
     family = env_id.split("-")[0].lower()  # reference min: this random policy's return; max: D4RL's expert constant
-    scores = dict(ref_min_score=float(np.mean(returns)), ref_max_score=D4RL_REF_SCORES[family][1]) if family in D4RL_REF_SCORES and returns else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        minari.create_dataset_from_buffers(
-            dataset_id, buffers, env=env_id, algorithm_name="uniform random policy", author="emaq_offline.py",
-            author_email="none", code_permalink="emaq_offline.py: generate_random_dataset", **scores,
-            description=f"{steps} transitions of a uniform random policy in {env_id} (the EMaQ/D4RL 'random' protocol), seed {seed}.",
-        )
-
-
-def network_available(host="huggingface.co", port=443, timeout=3.0) -> bool:
+    scores = {}
+    if family in D4RL_REF_SCORES and returns:
+        scores = dict(ref_min_score=float(np.mean(returns)), ref_max_score=D4RL_REF_SCORES[family][1])
+    root = get_dataset_path()
+    for stale in root.glob(".emaq-generating-*"):  # left by killed generations (their process is gone)
+        if not os.path.exists(f"/proc/{stale.name.rsplit('-', 1)[1]}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = root / f".emaq-generating-{os.getpid()}"
+    os.environ["MINARI_DATASETS_PATH"], saved_root = str(staging), os.environ.get("MINARI_DATASETS_PATH")
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            minari.create_dataset_from_buffers(
+                dataset_id,
+                buffers,
+                env=env_id,
+                algorithm_name="uniform random policy",
+                author="emaq_offline.py",
+                author_email="none",
+                code_permalink="emaq_offline.py: generate_random_dataset",
+                **scores,
+                description=f"{steps} transitions of a uniform random policy in {env_id} (the D4RL 'random' protocol)",
+            )
+        for folder in staging.rglob("*"):  # the namespaces' metadata files first, then the dataset in one rename
+            if folder.name == "namespace_metadata.json" and not (root / folder.relative_to(staging)).exists():
+                os.makedirs((root / folder.relative_to(staging)).parent, exist_ok=True)
+                shutil.copy(folder, root / folder.relative_to(staging))
+        os.makedirs((root / dataset_id).parent, exist_ok=True)
+        os.replace(staging / dataset_id, root / dataset_id)
+    finally:
+        os.environ.pop("MINARI_DATASETS_PATH")
+        if saved_root is not None:  # as it was: the user's folder, or unset for ~/.minari/datasets
+            os.environ["MINARI_DATASETS_PATH"] = saved_root
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_minari_dataset(dataset_id: str, seed: int):
-    """A local dataset as it is; our generated ids on first use; any other id downloaded once."""
-    import minari
-    from minari.storage.datasets_root_dir import get_dataset_path
-
-    local = set(minari.list_local_datasets())
-    if dataset_id not in local:
-        match = RANDOM_ID.fullmatch(dataset_id)
-        if match:
-            generate_random_dataset(dataset_id, match["env_id"], int(match["steps"] or 1_000_000), seed)
-        elif not network_available():
-            fail(f"dataset {dataset_id!r} is not in the local Minari folder ({get_dataset_path()}) and there is no network "
-                 f"to download it: download it elsewhere with `minari download {dataset_id}` and copy it there, or use a generated "
-                 f"dataset such as emaq/HalfCheetah-v5/random-v0 (see `minari list local`)")
-        else:
-            try:
-                minari.download_dataset(dataset_id)
-            except Exception as e:
-                fail(f"could not download dataset {dataset_id!r}: {e}. Check the id with `minari list remote`")
+def dataset_action_bounds(dataset, dataset_id: str):
     try:
-        return minari.load_dataset(dataset_id)
-    except Exception as e:
-        fail(f"could not load dataset {dataset_id!r}: {e}")
-
-
-def flatten_obs(space: gym.Space, obs) -> np.ndarray:
-    """[T, ...] observations -> [T, obs_dim] float32. Dict spaces are concatenated in the space's key order,
-    the same function serves the dataset and the evaluation environment, so the order always agrees."""
-    if isinstance(space, gym.spaces.Dict):
-        return np.concatenate([flatten_obs(sub, obs[key]) for key, sub in space.spaces.items()], axis=1)
-    if isinstance(space, gym.spaces.Box):
-        obs = np.asarray(obs, dtype=np.float32)
-        return obs.reshape(obs.shape[0], -1)
-    fail(f"unsupported observation space {space}: EMaQ here supports Box and (nested) Dict of Box observations")
-
-
-def episodes_to_transitions(dataset) -> dict[str, np.ndarray]:
-    """Every episode has T+1 observations and T actions: transition t is (o_t, a_t, r_t, o_{t+1}, terminated_t).
-    terminal is termination only: a truncated (time-limit) ending still bootstraps from o_{t+1}."""
-    parts = {key: [] for key in ("obs", "actions", "rewards", "next_obs", "terminals")}
-    for episode in dataset.iterate_episodes():
-        obs = flatten_obs(dataset.observation_space, episode.observations)
-        steps = len(episode.rewards)
-        if obs.shape[0] != steps + 1:
-            fail(f"episode {episode.id} of {dataset.spec.dataset_id} has {obs.shape[0]} observations for {steps} steps (expected T+1)")
-        parts["obs"].append(obs[:-1])
-        parts["next_obs"].append(obs[1:])
-        parts["actions"].append(np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1))
-        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
-        parts["terminals"].append(np.asarray(episode.terminations, dtype=np.float32))
-    return {key: np.concatenate(value) for key, value in parts.items()}
+        return action_bounds(dataset.action_space)
+    except ValueError as e:
+        fail(f"dataset {dataset_id}: {e}")
 
 
 def check_and_clip(data: dict, low, high, dataset_id: str):
@@ -314,9 +766,11 @@ def check_and_clip(data: dict, low, high, dataset_id: str):
     for key, value in data.items():
         bad = ~np.isfinite(value)
         if bad.any():
-            rows = np.nonzero(bad.reshape(len(value), -1).any(1))[0]
-            fail(f"dataset {dataset_id} has {int(bad.sum())} NaN/Inf values in {key} (first at transition {rows[0]}): "
-                 f"clean those episodes out of the dataset and run again")
+            row = np.nonzero(bad.reshape(len(value), -1).any(1))[0][0]
+            fail(
+                f"dataset {dataset_id} has {int(bad.sum())} NaN/Inf values in {key} (first at transition {row}): "
+                f"clean those episodes out of the dataset"
+            )
     low, high = np.asarray(low, np.float32), np.asarray(high, np.float32)
     outside = int(((data["actions"] < low) | (data["actions"] > high)).sum())
     if outside:
@@ -337,242 +791,52 @@ def reference_scores(dataset):
     return None
 
 
-# ---------------------------------------------------------------------------------------------------
-# Q ensemble: K MLPs evaluated together, one batched matmul per layer
-# ---------------------------------------------------------------------------------------------------
-class QEnsemble(nn.Module):
-    """K Q networks Q_k(s, a), weights stacked as [K, in, out]. The first layer is split into a state part,
-    computed once per state, and an action part, computed per sampled action: Q(s', a'_i) for N samples
-    costs one state projection, not N."""
-
-    def __init__(self, obs_dim: int, act_dim: int, num_qs: int, hidden: int, layers: int):
-        super().__init__()
-
-        def stacked(fan_in, *shape):  # nn.Linear's default initialization, for every member
-            bound = 1 / fan_in**0.5
-            return nn.Parameter(torch.empty(num_qs, *shape).uniform_(-bound, bound))
-
-        self.w_obs, self.w_act = stacked(obs_dim + act_dim, obs_dim, hidden), stacked(obs_dim + act_dim, act_dim, hidden)
-        self.b_in = stacked(obs_dim + act_dim, 1, hidden)
-        self.w_hidden = nn.ParameterList([stacked(hidden, hidden, hidden) for _ in range(layers - 1)])
-        self.b_hidden = nn.ParameterList([stacked(hidden, 1, hidden) for _ in range(layers - 1)])
-        self.w_out, self.b_out = stacked(hidden, hidden, 1), stacked(hidden, 1, 1)
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """obs [B, S], actions [B, N, A] -> Q values [K, B, N]."""
-        (batch, n, act_dim), k = actions.shape, self.w_obs.shape[0]
-        state_part = torch.baddbmm(self.b_in, obs.expand(k, -1, -1), self.w_obs)  # [K, B, H], once per state
-        action_part = torch.bmm(actions.reshape(1, batch * n, act_dim).expand(k, -1, -1), self.w_act)  # [K, B*N, H]
-        x = (action_part.view(k, batch, n, -1) + state_part.unsqueeze(2)).relu_().view(k, batch * n, -1)
-        for w, b in zip(self.w_hidden, self.b_hidden):
-            x = torch.baddbmm(b, x, w).relu_()
-        # The values EMaQ compares (max over N) and regresses (eq. 10) leave in fp32, also under bf16 autocast:
-        # bf16's spacing at Q = 1000 is 4 to 8, as large as the differences between the N candidates.
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.baddbmm(self.b_out.float(), x.float(), self.w_out.float()).view(k, batch, n)
-
-
-def autocast(precision: str, device):
-    """bf16 autocast for the matmuls, or nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:
-    """Ensemble / TestEnsemble over the K members (dim 0): lambda * min + (1 - lambda) * max."""
-    return lam * q_values.min(0).values + (1 - lam) * q_values.max(0).values
-
-
-# ---------------------------------------------------------------------------------------------------
-# EMaQ: the target (eq. 11), one update (eq. 10), and the test-time policy (Algorithm 1)
-# ---------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def emaq_target(mu, q_target, rewards, next_obs, terminals, args: Args, states_per_chunk: Optional[int] = None) -> torch.Tensor:
-    """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')   (eq. 11).
-    The B x N x K values are computed `states_per_chunk` next states at a time (see `target_states_per_chunk`)."""
-    samples = mu.sample(next_obs, args.num_samples)  # [B, N, A], all at once: mu sizes its own chunks
-    backups, chunk = [], states_per_chunk or len(next_obs)
-    for obs_chunk, samples_chunk in zip(next_obs.split(chunk), samples.split(chunk)):
-        values = ensemble(q_target(obs_chunk, samples_chunk), args.ensemble_lambda).float()  # [b, N]
-        if args.backup == "max":
-            backups.append(values.max(-1).values)
-        else:  # soft-EMaQ (Appendix J, eq. 71-74): softmax(alpha * Q)-weighted average of the N values
-            backups.append((torch.softmax(args.soft_alpha * values, -1) * values).sum(-1))
-    return rewards + args.gamma * (1 - terminals) * torch.cat(backups)
-
-
-MU_OUTPUT, Q_OUTPUT = ("head_out_w", "head_out_b"), ("w_out", "b_out")  # output layers: fp32 in the bf16 read copies
-CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU; see target_states_per_chunk
-
-
-def target_states_per_chunk(args: Args, mu: BehaviorModel, device) -> int:
-    """Next states per target chunk: as many as half the free memory holds (refused up front if not one), and on a CPU
-    at most CPU_TARGET_ROWS // N: [K, rows, H] activations of a few MB stay in the caches and in malloc's heap, where
-    30-60 MB tensors are mapped and page-faulted afresh at every layer (README.md, "Benchmarks")."""
-    per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + 4 * mu.config["head_hidden"] + 3 * mu.num_bins)  # bytes
-    if args.target_memory_gb:
-        budget = args.target_memory_gb * 2**30
-    elif device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] / 2
-    else:
-        try:
-            with open("/proc/meminfo") as f:
-                budget = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable")) / 2
-        except (OSError, StopIteration):
-            budget = 4 * 2**30
-    if per_state > budget:
-        fail(f"the EMaQ target needs {per_state / 2**30:.2f} GiB per state for N={args.num_samples}, K={args.num_qs}, "
-             f"q_hidden={args.q_hidden}, more than the {budget / 2**30:.2f} GiB budget: lower --num-samples or --num-qs")
-    states = int(min(args.batch_size, budget // per_state))
-    return states if device.type != "cpu" else max(1, min(states, CPU_TARGET_ROWS // args.num_samples))
-
-
-def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
-    """A frozen copy with bf16 parameters, except the output layers named in `keep_fp32` (they make the compared values,
-    in fp32) and buffers: autocast would cast the fp32 weights again at every call and every chunk; the target reads
-    these, refreshed once per update."""
-    module = copy.deepcopy(module).requires_grad_(False)
-    for name, p in module.named_parameters():
-        if name.split(".")[0] not in keep_fp32:
-            p.data = p.data.to(torch.bfloat16)
-    return module
-
-
-def make_update(data, mu, q_ensemble, q_target, q_optimizer, args: Args, states_per_chunk: Optional[int] = None):
-    """update(): one Q-ensemble update on a batch drawn on the device, metrics left there (no host sync); mu is frozen.
-    In bf16 the target reads bf16 copies of mu and the target ensemble (the fp32 target stays the EMA's master)."""
-    target_mu, target_q = (bf16_copy(mu, MU_OUTPUT), bf16_copy(q_target, Q_OUTPUT)) if args.precision == "bf16" else (mu, q_target)
-
-    def update() -> dict:
-        idx = torch.randint(len(data["obs"]), (args.batch_size,), device=data["obs"].device)
-        obs, actions, rewards, next_obs, terminals = (data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals"))
-        with autocast(args.precision, obs.device):
-            target = emaq_target(target_mu, target_q, rewards, next_obs, terminals, args, states_per_chunk)
-            q = q_ensemble(obs, actions.unsqueeze(1)).squeeze(-1).float()  # [K, B]
-        loss = ((q - target) ** 2).mean(1).sum()  # eq. 10: each member's mean squared error, summed (members train independently)
-        q_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        q_optimizer.step()
-        with torch.no_grad():
-            for p_target, p, p_read in zip(q_target.parameters(), q_ensemble.parameters(), target_q.parameters()):
-                p_target.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
-                if p_read is not p_target:
-                    p_read.copy_(p_target)
-        return {"qf_loss": loss.detach() / args.num_qs, "qf_values": q.detach().mean(), "q_ensemble_std": q.detach().std(0).mean(),
-                "target_values": target.mean()}
-
-    if args.compile != "on":  # "auto" was resolved by check_args
-        return update
-    compiled = torch.compile(update, mode="reduce-overhead" if args.cudagraphs == "on" else None, dynamic=False)  # fixed shapes
-
-    def compiled_update() -> dict:
-        nonlocal compiled
-        if args.cudagraphs == "on":  # a new step: the replay may overwrite the previous step's metrics (read them before)
-            torch.compiler.cudagraph_mark_step_begin()
-        try:
-            return compiled()
-        except Exception as e:  # no C++ compiler, no Triton, an unsupported op: warn, and go on eagerly (a real error recurs)
-            if compiled is update:
-                raise
-            log(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:150]}); continuing eagerly")
-            compiled = update
-            return update()
-
-    return compiled_update
-
-
-@torch.no_grad()
-def test_time_policy(mu, q_ensemble, obs: torch.Tensor, num_samples: int, test_lambda: float) -> torch.Tensor:
-    """Algorithm 1: sample N actions from mu(.|s), return the argmax of TestEnsemble({Q_k(s, a_i)})."""
-    candidates = mu.sample(obs, num_samples)  # [B, N, A]
-    scores = ensemble(q_ensemble(obs, candidates), test_lambda)  # [B, N]
-    return candidates[torch.arange(len(obs), device=obs.device), scores.argmax(-1)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation in the environment recovered from the dataset, vectorized over episodes
-# ---------------------------------------------------------------------------------------------------
 def make_eval_envs(dataset, num_episodes: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return gym.vector.SyncVectorEnv([lambda: dataset.recover_environment(eval_env=True) for _ in range(num_episodes)])
+            return gym.vector.SyncVectorEnv(
+                [lambda: dataset.recover_environment(eval_env=True) for _ in range(num_episodes)]
+            )
         except Exception as e:
             fail(f"cannot build the evaluation environment of {dataset.spec.dataset_id}: {e}")
 
 
-def evaluate(policy, envs, obs_space, normalize, seed: int, device) -> np.ndarray:
-    """Undiscounted return of the first episode of every sub-environment."""
-    obs, _ = envs.reset(seed=seed)
-    returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
-    while not done.all():
-        obs_t = normalize(torch.as_tensor(flatten_obs(obs_space, obs), device=device))
-        actions = policy(obs_t).cpu().numpy()
-        obs, rewards, terminated, truncated, _ = envs.step(actions)
-        returns += rewards * ~done
-        done |= terminated | truncated
-    return returns
+def load_behavior_model(args: Args, obs_dim: int, act_dim: int) -> BehaviorModel:
+    """A saved mu; it must have been trained on this dataset, with this observation normalization, for these shapes."""
+    try:
+        mu = BehaviorModel.load(args.behavior_path, obs_dim=obs_dim, act_dim=act_dim)
+    except ValueError as e:
+        fail(str(e))
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(args.behavior_path)), "mu.json")
+    if not os.path.exists(meta_path):
+        log(f"note: {meta_path} is missing: cannot check that {args.behavior_path} was trained on {args.dataset_id}")
+        return mu
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if (meta["dataset_id"], meta["normalize_obs"]) != (args.dataset_id, args.normalize_obs):
+        fail(
+            f"{args.behavior_path} was trained on {meta['dataset_id']} with normalize_obs={meta['normalize_obs']}, "
+            f"unlike this run: pass a mu trained on {args.dataset_id} with normalize_obs={args.normalize_obs}"
+        )
+    return mu
 
 
-def normalized(returns, ref):
-    """D4RL convention: 100 * (return - random) / (expert - random)."""
-    return None if ref is None else float(100 * (np.mean(returns) - ref[0]) / (ref[1] - ref[0]))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Delta(s, N): how hard is this dataset? (Section 3.3, Theorem 3.5)
-# ---------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def delta_curve(mu, q_ensemble, states: torch.Tensor, ns, support_samples: int, test_lambda: float) -> np.ndarray:
-    """Delta(s, N) = max_{a in supp mu(.|s)} Q(s, a) - E_{a_1..a_N ~ mu}[max_i Q(s, a_i)], Q = TestEnsemble, [S, len(ns)].
-
-    M samples of mu(.|s) stand in for its support: the max over the support is their max, and E[max of N] is taken
-    exactly over their empirical distribution: with the M values sorted, P(max = v_(j)) = (j/M)^N - ((j-1)/M)^N."""
-    m = support_samples
-    j = torch.arange(1, m + 1, dtype=torch.float64, device=states.device) / m
-    weights = torch.stack([j**n - (j - 1 / m) ** n for n in ns]).float()  # [len(ns), M]
-    rows = []
-    for chunk in states.split(max(1, 16_384 // m)):  # bound the memory of K x chunk x M values
-        values = ensemble(q_ensemble(chunk, mu.sample(chunk, m)), test_lambda).sort(-1).values  # [b, M]
-        rows.append(values[:, -1:] - values @ weights.T)
-    return torch.cat(rows).cpu().numpy()
-
-
-def write_delta_curve(run_dir, writer, ns, deltas: np.ndarray, num_initial: int):
-    """delta_curve.csv (N, mean, 10th and 90th percentile over states), delta_curve.png and TensorBoard (step = N)."""
-    mean, p10, p90 = deltas.mean(0), np.percentile(deltas, 10, axis=0), np.percentile(deltas, 90, axis=0)
-    initial, tags = deltas[:num_initial].mean(0), ("mean", "p10", "p90", "initial_states_mean")
-    table = np.stack([np.asarray(ns, dtype=float), mean, p10, p90, initial], 1)
-    np.savetxt(os.path.join(run_dir, "delta_curve.csv"), table, fmt="%.6g", delimiter=",", header="N," + ",".join(tags), comments="")
-    for n, *values in table:
-        for tag, value in zip(tags, values):
-            writer.add_scalar(f"delta/{tag}", value, int(n))
-    import matplotlib.pyplot as plt  # only here: a run that skips Delta never imports matplotlib
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.fill_between(ns, p10, p90, alpha=0.3, label="10th-90th percentile over states")
-    ax.plot(ns, mean, marker="o", label="mean over states")
-    ax.plot(ns, initial, linestyle="--", label="initial states")
-    ax.set(xscale="log", xlabel="N (samples from mu)", ylabel="Delta(s, N)", title="EMaQ difficulty curve")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "delta_curve.png"), dpi=120)
-    plt.close(fig)
-
-
-def compute_delta(args, run_dir, writer, mu, q_ensemble, envs, obs_space, normalize, data_obs, device):
-    """Delta(s, N) over the initial states of the evaluation episodes and a sample of dataset states."""
-    initial = normalize(torch.as_tensor(flatten_obs(obs_space, envs.reset(seed=args.eval_seed)[0]), device=device))
-    picked = torch.randperm(len(data_obs), generator=torch.Generator().manual_seed(args.seed))[: args.delta_states].to(device)
-    deltas = delta_curve(mu, q_ensemble, torch.cat([initial, data_obs[picked]]), args.delta_ns, args.delta_support_samples,
-                         args.test_ensemble_lambda)
-    write_delta_curve(run_dir, writer, args.delta_ns, deltas, len(initial))
-    log(f"Delta(s, N) mean over states: " + ", ".join(f"N={n}: {d:.3g}" for n, d in zip(args.delta_ns, deltas.mean(0))))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints: the full training state, written atomically, so that a killed run resumes exactly
-# ---------------------------------------------------------------------------------------------------
-STOP = {"signal": None}  # set by SIGINT/SIGTERM; the training loops checkpoint and exit at the next update
+# ----- run directory, checkpoints, resume, signals ---------------------------------------------------
+def open_run_dir(args: Args, ckpt):
+    """runs_dir/<dataset>__<exp_name>__<seed>__<time>, or the resumed run's; config.json and the TensorBoard writer."""
+    run_name = f"{args.dataset_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or os.path.join(args.runs_dir, run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_save(asdict(args), os.path.join(run_dir, "config.json"))  # a resumed run may have a new total_updates
+    except OSError as e:
+        fail(f"cannot write the run directory {run_dir}: {e.strerror}; pass a writable --runs-dir")
+    writer = SummaryWriter(run_dir)
+    if not ckpt:
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    return run_dir, writer
 
 
 def atomic_save(obj, path: str):
@@ -594,9 +858,12 @@ def atomic_save(obj, path: str):
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": [version, torch.tensor(py_state), py_gauss]}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, torch.tensor(py_state), py_gauss],
+    }
 
 
 def set_rng_state(state: dict):
@@ -608,18 +875,19 @@ def set_rng_state(state: dict):
     random.setstate((state["python"][0], tuple(state["python"][1].tolist()), state["python"][2]))
 
 
-def save_checkpoint(run_dir, run: dict, mu, mu_optimizer=None, q_ensemble=None, q_target=None, q_optimizer=None):
-    """Everything a resumed run needs: models, targets, optimizers, RNG states, counters, history, config."""
-    state = {**run, "rng": rng_state(), "mu": mu.state_dict(), "mu_config": mu.config,
-             "mu_optimizer": mu_optimizer.state_dict() if mu_optimizer else None,
-             "q_ensemble": q_ensemble.state_dict() if q_ensemble else None, "q_target": q_target.state_dict() if q_target else None,
-             "q_optimizer": q_optimizer.state_dict() if q_optimizer else None}
+def save_checkpoint(run_dir, run: dict, models: dict, nonfinite_at):
+    """Everything a resumed run needs: models, targets, optimizers, RNG states, counters, history. Never a state that
+    went NaN/Inf: the previous checkpoint stays the last good one."""
+    stop_if_nonfinite(nonfinite_at, run_dir)
+    state = {**run, "rng": rng_state(), **{key: module.state_dict() for key, module in models.items()}}
     try:
         atomic_save(state, os.path.join(run_dir, "checkpoint.pt"))
         atomic_save({"phase": run["phase"], "step": run["step"]}, os.path.join(run_dir, "checkpoint.json"))
     except OSError as e:
-        fail(f"could not write a checkpoint into {run_dir} ({e.strerror}); {last_checkpoint(run_dir)} is intact: "
-             f"free some space, then resume with: python emaq_offline.py --resume {run_dir}")
+        fail(
+            f"could not write a checkpoint into {run_dir} ({e.strerror}); {last_checkpoint(run_dir)} is intact: "
+            f"free some space, then resume with: python emaq_offline.py --resume {run_dir}"
+        )
 
 
 def last_checkpoint(run_dir) -> str:
@@ -631,250 +899,148 @@ def last_checkpoint(run_dir) -> str:
         return "no earlier checkpoint"
 
 
-def load_checkpoint(run_dir) -> dict:
-    path = os.path.join(run_dir, "checkpoint.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in ("phase", "step", "rng", "mu", "history", "mu_eval") if k not in state]
-        if missing:
-            raise KeyError(f"missing {missing}")
-    except FileNotFoundError:
-        fail(f"{run_dir} has no checkpoint.pt to resume from: start a new run (checkpoints come every --checkpoint-every updates)")
-    except Exception as e:
-        fail(f"{path} is truncated or not a checkpoint of emaq_offline.py ({type(e).__name__}); nothing was overwritten: "
-             f"resume from a copy of the run, or start a new run")
-    if state["phase"] == "done":
-        fail(f"the run in {run_dir} already finished; evaluate it with --evaluate-run {run_dir}, or start a new run")
-    return state
+def stop_if_nonfinite(nonfinite_at: torch.Tensor, run_dir):
+    """Fail, naming the first update whose loss or Q values were NaN/Inf (a host sync: call at log intervals)."""
+    if (bad := int(nonfinite_at)) >= 0:
+        fail(
+            f"the losses became NaN/Inf at update {bad}; the last good state is {last_checkpoint(run_dir)}: resume "
+            f"from it with a lower --q-lr (or --behavior-lr), or check the rewards"
+        )
 
 
-def resolve_resume(args: Args) -> Args:
-    """--resume takes the saved run's config; any other flag that disagrees with it is refused."""
+def resolve_resume(args: Args):
+    """--resume: the saved run's flags and its checkpoint. A flag that changes what is computed is refused; speed flags
+    may change, and a larger --total-updates extends the run (also a finished one)."""
     if not args.resume:
-        return args
+        return args, None
     try:
         with open(os.path.join(args.resume, "config.json")) as f:
             saved = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
     except (OSError, ValueError, TypeError) as e:
         fail(f"{args.resume} is not a run directory of emaq_offline.py ({e}); pass runs/<run name>")
-    defaults, free = Args(), {"resume", "cuda", "compile", "cudagraphs"}  # how fast, not what is computed
-    conflicts = [f"--{f.name.replace('_', '-')} {getattr(args, f.name)} (the run has {getattr(saved, f.name)})"
-                 for f in dataclasses.fields(Args) if f.name not in free
-                 and getattr(args, f.name) not in (getattr(defaults, f.name), getattr(saved, f.name))]
+    defaults, free = Args(), {"resume", "cuda", "compile", "cudagraphs", "target_memory_gb", "total_updates"}
+    conflicts = [
+        f"--{f.name.replace('_', '-')} {getattr(args, f.name)} (the run has {getattr(saved, f.name)})"
+        for f in dataclasses.fields(Args)
+        if f.name not in free and getattr(args, f.name) not in (getattr(defaults, f.name), getattr(saved, f.name))
+    ]
     if conflicts:
-        fail(f"cannot resume {args.resume} with " + ", ".join(conflicts) + ": resume without those flags, or start a new run")
-    return dataclasses.replace(saved, resume=args.resume, cuda=args.cuda, compile=args.compile, cudagraphs=args.cudagraphs)
+        fail(f"cannot resume {args.resume} with {', '.join(conflicts)}: resume without them, or start a new run")
+    extend = args.total_updates != defaults.total_updates
+    speed = {key: getattr(args, key) for key in free - {"total_updates"}}
+    args = dataclasses.replace(saved, **speed, total_updates=args.total_updates if extend else saved.total_updates)
+    path = os.path.join(args.resume, "checkpoint.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("phase", "step", "rng", "mu", "history", "mu_eval") if k not in ckpt]
+        if missing:
+            raise KeyError(f"missing {missing}")
+    except FileNotFoundError:
+        fail(f"{args.resume} has no checkpoint.pt yet (one comes every --checkpoint-every updates): start a new run")
+    except Exception as e:
+        fail(
+            f"{path} is truncated or not a checkpoint of emaq_offline.py ({type(e).__name__}); nothing was "
+            f"overwritten: resume from a copy of the run, or start a new run"
+        )
+    done = ckpt["phase"] == "done"
+    if done and args.total_updates <= ckpt["step"]:
+        fail(
+            f"the run in {args.resume} already finished; extend it with a larger --total-updates, evaluate it with "
+            f"--evaluate-run {args.resume}, or start a new run"
+        )
+    if not done and ckpt["phase"] == "emaq" and args.total_updates < ckpt["step"]:
+        fail(f"--total-updates {args.total_updates} is below the run's {ckpt['step']} updates: pass a larger one")
+    return args, ckpt
 
 
-def stop_if_requested(run: dict, checkpoint, run_dir):
+def restore_checkpoint(ckpt: dict, models: dict, args: Args) -> dict:
+    """Load every saved model and optimizer state and the RNGs; return the run's counters (a finished run that gets
+    a larger --total-updates goes on with its EMaQ updates)."""
+    for key, module in models.items():
+        if ckpt.get(key) is not None:
+            module.load_state_dict(ckpt[key])
+    set_rng_state(ckpt["rng"])
+    run = {key: ckpt[key] for key in ("phase", "step", "history", "mu_eval")}
+    if run["phase"] == "done":
+        run["phase"] = "emaq"
+    return run
+
+
+STOP = {"signal": None}  # set by SIGINT/SIGTERM; the training loops checkpoint and exit at the next update
+
+
+def handle_stop_signals():
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))
+
+
+def stop_if_requested(run: dict, save, run_dir):
     if STOP["signal"] is not None:
-        checkpoint()
+        save()
         close_progress_bars()
-        log(f"stopped by signal {STOP['signal']} at {run['phase']} update {run['step']}: checkpoint written. "
-            f"Resume with: python emaq_offline.py --resume {run_dir}")
+        log(
+            f"stopped by signal {STOP['signal']} at {run['phase']} update {run['step']}: checkpoint written. "
+            f"Resume with: python emaq_offline.py --resume {run_dir}"
+        )
         sys.exit(130)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Training loops
-# ---------------------------------------------------------------------------------------------------
-def pretrain_behavior(args, mu, mu_optimizer, data, train_idx, writer, run, checkpoint, run_dir):
-    """Maximum likelihood of mu on the training split (teacher forcing, all dimensions in one pass)."""
-    progress = tqdm(range(run["step"] + 1, args.behavior_updates + 1), desc="mu", unit="upd", mininterval=1.0,
-                    initial=run["step"], total=args.behavior_updates)
-    for step in progress:
-        idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), device=train_idx.device)]
-        with autocast(args.precision, idx.device):
-            nll = mu.loss(data["obs"][idx], data["actions"][idx])
-        mu_optimizer.zero_grad(set_to_none=True)
-        nll.backward()
-        mu_optimizer.step()
-        run["step"] = step
-        if step % args.log_every == 0 or step == args.behavior_updates:
-            value = nll.item()
-            if not np.isfinite(value):
-                fail(f"mu's loss became NaN/Inf by update {step}; the last good state is {last_checkpoint(run_dir)}: check the data")
-            writer.add_scalar("losses/behavior_nll", value, step)
-            progress.set_postfix(nll=f"{value:.3f}")
-        if step % args.checkpoint_every == 0:
-            checkpoint()
-        stop_if_requested(run, checkpoint, run_dir)
+# ----- Delta's files, the summary line, --evaluate-run ---------------------------------------------------
+def compute_delta(args, run_dir, writer, mu, q_ensemble, envs, obs_space, normalize, data_obs):
+    """Delta(s, N) over the initial states of the evaluation episodes and a sample of dataset states."""
+    device = data_obs.device
+    initial = normalize(torch.as_tensor(flatten_obs(obs_space, envs.reset(seed=args.eval_seed)[0]), device=device))
+    generator = torch.Generator().manual_seed(args.seed)
+    picked = torch.randperm(len(data_obs), generator=generator)[: args.delta_states].to(device)
+    states = torch.cat([initial, data_obs[picked]])
+    deltas = delta_curve(
+        mu,
+        q_ensemble,
+        states,
+        args.delta_ns,
+        args.delta_support_samples,
+        args.test_ensemble_lambda,
+        generator=torch.Generator(device).manual_seed(args.seed),
+    )
+    write_delta_curve(run_dir, writer, args.delta_ns, deltas, len(initial))
+    log(
+        "Delta(s, N) mean over states: "
+        + ", ".join(f"N={n}: {d:.3g}" for n, d in zip(args.delta_ns, deltas.mean(0), strict=True))
+    )
 
 
-def train_emaq(args, data, mu, q_ensemble, q_target, q_optimizer, evaluate_policy, writer, run, checkpoint, run_dir, ref):
-    """The Q-ensemble updates of Algorithm 1 (Appendix C), with evaluation, logging and checkpoints."""
-    update = make_update(data, mu, q_ensemble, q_target, q_optimizer, args, target_states_per_chunk(args, mu, data["obs"].device))
-    first_nonfinite = torch.full((), -1, dtype=torch.long, device=data["obs"].device)  # tracked on the device, read when logging
-    last_time, last_step = time.time(), run["step"]
-    progress = tqdm(range(run["step"] + 1, args.total_updates + 1), desc="EMaQ", unit="upd", mininterval=1.0,
-                    initial=run["step"], total=args.total_updates)
-    for step in progress:
-        metrics = update()
-        finite = torch.isfinite(metrics["qf_loss"]) & torch.isfinite(metrics["qf_values"])
-        first_nonfinite = torch.where((first_nonfinite < 0) & ~finite, step, first_nonfinite)
-        run["step"] = step
-        is_last = step == args.total_updates
-        if step % args.log_every == 0 or step % args.checkpoint_every == 0 or is_last:
-            if (bad := int(first_nonfinite)) >= 0:  # the only host syncs: once per log or checkpoint interval
-                fail(f"the loss or the Q values became NaN/Inf at update {bad}; the last good state is {last_checkpoint(run_dir)}: "
-                     f"resume from it with a lower --q-lr, or check the rewards")
-            for key, value in metrics.items():
-                writer.add_scalar(f"losses/{key}", value.item(), step)
-            writer.add_scalar("charts/SPS", (step - last_step) / max(time.time() - last_time, 1e-9), step)
-            last_time, last_step = time.time(), step
-        if step % args.eval_every == 0 or is_last:
-            returns = evaluate_policy()
-            score = normalized(returns, ref)
-            run["history"].append([step, float(returns.mean()), score])
-            writer.add_scalar("eval/episodic_return", returns.mean(), step)
-            writer.add_scalar("eval/episodic_return_std", returns.std(), step)
-            if ref:
-                writer.add_scalar(f"eval/{ref[2]}", score, step)
-            progress.set_postfix(ret=f"{returns.mean():.0f}", **({"score": f"{score:.1f}"} if ref else {}))
-        if step % args.checkpoint_every == 0 and not is_last:
-            checkpoint()
-        stop_if_requested(run, checkpoint, run_dir)
+def write_delta_curve(run_dir, writer, ns, deltas: np.ndarray, num_initial: int):
+    """delta_curve.csv (N, mean, 10th and 90th percentile over states), delta_curve.png and TensorBoard (step = N)."""
+    mean, p10, p90 = deltas.mean(0), np.percentile(deltas, 10, axis=0), np.percentile(deltas, 90, axis=0)
+    initial, tags = deltas[:num_initial].mean(0), ("mean", "p10", "p90", "initial_states_mean")
+    table = np.stack([np.asarray(ns, dtype=float), mean, p10, p90, initial], 1)
+    header = "N," + ",".join(tags)
+    np.savetxt(os.path.join(run_dir, "delta_curve.csv"), table, fmt="%.6g", delimiter=",", header=header, comments="")
+    for n, *values in table:
+        for tag, value in zip(tags, values, strict=True):
+            writer.add_scalar(f"delta/{tag}", value, int(n))
+    import matplotlib.pyplot as plt  # only here: a run that skips Delta never imports matplotlib
 
-
-# ---------------------------------------------------------------------------------------------------
-def main(args: Args):
-    if args.evaluate_run:
-        return evaluate_saved_run(args)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    args = check_args(resolve_resume(args), device)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-
-    # --- data ---
-    dataset = load_minari_dataset(args.dataset_id, args.seed)
-    try:
-        low, high = action_bounds(dataset.action_space)
-    except ValueError as e:
-        fail(f"dataset {args.dataset_id}: {e}")
-    data = check_and_clip(episodes_to_transitions(dataset), low, high, args.dataset_id)
-    obs_dim, act_dim = data["obs"].shape[1], data["actions"].shape[1]
-    data = {k: torch.as_tensor(v, device=device) for k, v in data.items()}  # the whole dataset lives on the device
-    obs_mean, obs_std = (data["obs"].mean(0), data["obs"].std(0) + 1e-3) if args.normalize_obs else \
-        (torch.zeros(obs_dim, device=device), torch.ones(obs_dim, device=device))
-    data["obs"], data["next_obs"] = (data["obs"] - obs_mean) / obs_std, (data["next_obs"] - obs_mean) / obs_std
-    normalize = lambda o: (o - obs_mean) / obs_std  # noqa: E731
-    num_transitions = len(data["obs"])
-
-    # --- the run directory: new, or the one being resumed ---
-    run_name = f"{args.dataset_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or os.path.join(args.runs_dir, run_name)
-    ckpt = load_checkpoint(run_dir) if args.resume else None
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        if not ckpt:
-            atomic_save(asdict(args), os.path.join(run_dir, "config.json"))
-    except OSError as e:
-        fail(f"cannot write the run directory {run_dir}: {e.strerror}; pass a writable --runs-dir")
-    writer = SummaryWriter(run_dir)
-    if not ckpt:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    ref = reference_scores(dataset)
-    log(f"{args.dataset_id}: {num_transitions} transitions, obs {obs_dim}, actions {act_dim}, device {device}, run {run_dir}"
-        + (f", resuming {ckpt['phase']} at update {ckpt['step']}" if ckpt else ""))
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))
-    run = {key: ckpt[key] for key in ("args", "phase", "step", "history", "mu_eval")} if ckpt else \
-        {"args": asdict(args), "phase": "behavior", "step": 0, "history": [], "mu_eval": None}
-
-    # --- behavior model mu(a|s): pretrain, or load ---
-    perm = torch.randperm(num_transitions, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    num_holdout = min(int(args.behavior_holdout * num_transitions), 10_000)
-    holdout_idx, train_idx = perm[:num_holdout], perm[num_holdout:]
-    if args.behavior_path:
-        try:
-            mu = BehaviorModel.load(args.behavior_path, obs_dim=obs_dim, act_dim=act_dim).to(device)
-        except ValueError as e:
-            fail(str(e))
-        check_behavior_meta(args)
-    else:
-        mu = BehaviorModel.from_preset("table3" if args.preset == "table3" else "mujoco", obs_dim, low, high).to(device)
-    if ckpt:
-        mu.load_state_dict(ckpt["mu"])
-    envs, obs_space = make_eval_envs(dataset, args.eval_episodes), dataset.observation_space
-    if run["phase"] == "behavior":
-        if not args.behavior_path:
-            mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr, fused=True)
-            if ckpt:
-                mu_optimizer.load_state_dict(ckpt["mu_optimizer"])
-                set_rng_state(ckpt["rng"])
-            pretrain_behavior(args, mu, mu_optimizer, data, train_idx, writer, run,
-                              lambda: save_checkpoint(run_dir, run, mu, mu_optimizer), run_dir)
-        mu.eval().requires_grad_(False)
-        mu.save(os.path.join(run_dir, "mu.pt"))
-        atomic_save({"dataset_id": args.dataset_id, "normalize_obs": args.normalize_obs}, os.path.join(run_dir, "mu.json"))
-        with torch.no_grad():
-            heldout = [-mu.log_prob(data["obs"][i], data["actions"][i]) for i in holdout_idx.split(4096)]
-        if heldout:
-            writer.add_scalar("eval/behavior_heldout_nll", torch.cat(heldout).mean().item(), 0)
-        # mu alone: the behavior-cloning baseline (the paper's mu(a|s) column), before any EMaQ training
-        mu_returns = evaluate(lambda o: mu.sample(o, 1)[:, 0], envs, obs_space, normalize, args.eval_seed, device)
-        run["mu_eval"] = {"returns": mu_returns.tolist(), "score": normalized(mu_returns, ref)}
-        writer.add_scalar("eval/behavior_return", mu_returns.mean(), 0)
-        if ref:
-            writer.add_scalar(f"eval/behavior_{ref[2]}", run["mu_eval"]["score"], 0)
-        run["phase"], run["step"] = "emaq", 0
-    mu.eval().requires_grad_(False)
-    mu_return, mu_score = float(np.mean(run["mu_eval"]["returns"])), run["mu_eval"]["score"]
-    log(f"mu alone: return {mu_return:.1f}" + (f", {ref[2]} {mu_score:.1f}" if ref else ""))
-
-    # --- EMaQ: Q ensemble trained with the target of eq. 11 ---
-    q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
-    q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
-    q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
-    if ckpt and ckpt["phase"] == "emaq":
-        q_ensemble.load_state_dict(ckpt["q_ensemble"])
-        q_target.load_state_dict(ckpt["q_target"])
-        q_optimizer.load_state_dict(ckpt["q_optimizer"])
-        set_rng_state(ckpt["rng"])
-    policy = lambda o: test_time_policy(mu, q_ensemble, o, args.num_samples, args.test_ensemble_lambda)  # noqa: E731
-    train_emaq(args, data, mu, q_ensemble, q_target, q_optimizer,
-               lambda: evaluate(policy, envs, obs_space, normalize, args.eval_seed, device), writer, run,
-               lambda: save_checkpoint(run_dir, run, mu, None, q_ensemble, q_target, q_optimizer), run_dir, ref)
-    if args.delta_ns:
-        compute_delta(args, run_dir, writer, mu, q_ensemble, envs, obs_space, normalize, data["obs"], device)
-    envs.close()
-
-    if args.save_model:
-        mu.save(os.path.join(run_dir, "mu.pt"))
-        atomic_save({"q_ensemble": q_ensemble.state_dict(), "q_target": q_target.state_dict(), "q_optimizer": q_optimizer.state_dict(),
-                     "obs_mean": obs_mean.cpu(), "obs_std": obs_std.cpu(), "step": args.total_updates}, os.path.join(run_dir, "model.pt"))
-    run["phase"] = "done"
-    save_checkpoint(run_dir, run, mu, None, q_ensemble, q_target, q_optimizer)
-    summary = {"dataset_id": args.dataset_id, "mu_return": mu_return, "mu_score": mu_score, "score_tag": ref[2] if ref else None,
-               "history": run["history"]}
-    atomic_save(summary, os.path.join(run_dir, "summary.json"))
-    writer.close()
-    print(one_line_summary(args.dataset_id, mu_return, mu_score, run["history"], run_dir))
-    return summary
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.fill_between(ns, p10, p90, alpha=0.3, label="10th-90th percentile over states")
+    ax.plot(ns, mean, marker="o", label="mean over states")
+    ax.plot(ns, initial, linestyle="--", label="initial states")
+    ax.set(xscale="log", xlabel="N (samples from mu)", ylabel="Delta(s, N)", title="EMaQ difficulty curve")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "delta_curve.png"), dpi=120)
+    plt.close(fig)
 
 
 def one_line_summary(dataset_id, mu_return, mu_score, history, run_dir):
-    fmt = lambda ret, score: f"return {ret:.1f}" + (f" (score {score:.1f})" if score is not None else "")  # noqa: E731
+    def fmt(ret, score):
+        return f"return {ret:.1f}" + (f" (score {score:.1f})" if score is not None else "")
+
     text = f"{dataset_id} | mu {fmt(mu_return, mu_score)}"
     if history:
         best = max(history, key=lambda h: h[1])
-        text += f" | EMaQ last {fmt(history[-1][1], history[-1][2])} | best {fmt(best[1], best[2])} at update {best[0]}"
+        text += f" | EMaQ last {fmt(*history[-1][1:])} | best {fmt(*best[1:])} at update {best[0]}"
     return text + f" | {run_dir}"
-
-
-def check_behavior_meta(args: Args):
-    """A loaded mu must have been trained on the same dataset with the same observation normalization."""
-    meta_path = os.path.join(os.path.dirname(os.path.abspath(args.behavior_path)), "mu.json")
-    if not os.path.exists(meta_path):
-        log(f"note: {meta_path} is missing: cannot check that {args.behavior_path} was trained on {args.dataset_id}")
-        return
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if (meta["dataset_id"], meta["normalize_obs"]) != (args.dataset_id, args.normalize_obs):
-        fail(f"{args.behavior_path} was trained on {meta['dataset_id']} with normalize_obs={meta['normalize_obs']}, "
-             f"this run uses {args.dataset_id} with normalize_obs={args.normalize_obs}: pass a mu trained like this run")
 
 
 def evaluate_saved_run(args: Args):
@@ -888,8 +1054,8 @@ def evaluate_saved_run(args: Args):
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         fail(f"{run_dir} holds no readable saved run ({e}); train with --save-model first")
     # the model's settings come from the saved run; what to evaluate comes from this command line
-    saved = dataclasses.replace(saved, eval_episodes=args.eval_episodes, eval_seed=args.eval_seed, delta_ns=args.delta_ns,
-                                delta_support_samples=args.delta_support_samples, delta_states=args.delta_states)
+    what = ("eval_episodes", "eval_seed", "delta_ns", "delta_support_samples", "delta_states")
+    saved = dataclasses.replace(saved, **{key: getattr(args, key) for key in what})
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     dataset = load_minari_dataset(saved.dataset_id, saved.seed)
     q_ensemble = QEnsemble(mu.obs_dim, mu.act_dim, saved.num_qs, saved.q_hidden, saved.q_layers)
@@ -898,15 +1064,21 @@ def evaluate_saved_run(args: Args):
     obs_mean, obs_std = blob["obs_mean"].to(device), blob["obs_std"].to(device)
     normalize = lambda o: (o - obs_mean) / obs_std  # noqa: E731
     envs = make_eval_envs(dataset, saved.eval_episodes)
-    returns = evaluate(lambda o: test_time_policy(mu, q_ensemble, o, saved.num_samples, saved.test_ensemble_lambda), envs,
-                       dataset.observation_space, normalize, saved.eval_seed, device)
+
+    def policy(obs, generator):
+        return test_time_policy(mu, q_ensemble, obs, saved.num_samples, saved.test_ensemble_lambda, generator)
+
+    returns = evaluate(policy, envs, dataset.observation_space, normalize, saved.eval_seed, device)
     ref = reference_scores(dataset)
     score = normalized(returns, ref)
-    print(f"{run_dir}: {saved.eval_episodes} episodes, return {returns.mean():.1f} ± {returns.std():.1f}" + (f", {ref[2]} {score:.1f}" if ref else ""))
+    print(
+        f"{run_dir}: {saved.eval_episodes} episodes, return {returns.mean():.1f} ± {returns.std():.1f}"
+        + (f", {ref[2]} {score:.1f}" if ref else "")
+    )
     if saved.delta_ns:
         data_obs = normalize(torch.as_tensor(episodes_to_transitions(dataset)["obs"], device=device))
         with SummaryWriter(run_dir) as writer:
-            compute_delta(saved, run_dir, writer, mu, q_ensemble, envs, dataset.observation_space, normalize, data_obs, device)
+            compute_delta(saved, run_dir, writer, mu, q_ensemble, envs, dataset.observation_space, normalize, data_obs)
     envs.close()
     return {"returns": returns.tolist(), "score": score}
 

@@ -45,9 +45,20 @@ class PlainBehaviorModel(nn.Module):
     def __init__(self, obs_dim, act_dim, p):
         super().__init__()
         e, h = p["embed_dim"], p["head_hidden"]
-        self.state_mlp = nn.Sequential(nn.Linear(obs_dim, p["state_hidden"]), nn.ReLU(), nn.Linear(p["state_hidden"], p["state_hidden"]), nn.ReLU(), nn.Linear(p["state_hidden"], e))
+        self.state_mlp = nn.Sequential(
+            nn.Linear(obs_dim, p["state_hidden"]),
+            nn.ReLU(),
+            nn.Linear(p["state_hidden"], p["state_hidden"]),
+            nn.ReLU(),
+            nn.Linear(p["state_hidden"], e),
+        )
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(e + i, h), nn.ReLU(), *[m for _ in range(p["head_layers"] - 1) for m in (nn.Linear(h, h), nn.ReLU())], nn.Linear(h, p["num_bins"]))
+            nn.Sequential(
+                nn.Linear(e + i, h),
+                nn.ReLU(),
+                *[m for _ in range(p["head_layers"] - 1) for m in (nn.Linear(h, h), nn.ReLU())],
+                nn.Linear(h, p["num_bins"]),
+            )
             for i in range(act_dim)
         )
         self.num_bins, self.act_dim = p["num_bins"], act_dim
@@ -65,7 +76,10 @@ class PlainBehaviorModel(nn.Module):
     def loss(self, obs, actions):
         hidden = self.state_mlp(obs)
         labels = ((actions + 1) / 2 * self.num_bins).long().clamp(0, self.num_bins - 1)
-        return sum(nn.functional.cross_entropy(head(torch.cat([hidden, actions[:, :i]], 1)), labels[:, i]) for i, head in enumerate(self.heads))
+        return sum(
+            nn.functional.cross_entropy(head(torch.cat([hidden, actions[:, :i]], 1)), labels[:, i])
+            for i, head in enumerate(self.heads)
+        )
 
 
 def sync(device):
@@ -106,13 +120,23 @@ def sample_flops(p, obs_dim, act_dim, batch, n):
 
 
 def main(args: Args):
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     torch.manual_seed(0)
     p = PRESETS["mujoco"]
     fp32 = matmul_rate(device, torch.float32, args.min_seconds)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; dense fp32 matmul: {fp32 / 1e9:.0f} GFLOP/s; mu preset 'mujoco' (750x2 -> 750, heads 3x256, 40 bins)")
-    print(f"{'A':>3} {'N':>4} | {'fast actions/s':>15} {'plain actions/s':>15} {'speedup':>8} | {'GFLOP/s':>8} {'of fp32 mm':>10} | {'train step ms':>13} {'plain ms':>9}")
+    print(
+        f"device: {name}; torch {torch.__version__}; dense fp32 matmul: {fp32 / 1e9:.0f} GFLOP/s; "
+        "mu preset 'mujoco' (750x2 -> 750, heads 3x256, 40 bins)"
+    )
+    print(
+        f"{'A':>3} {'N':>4} | {'fast actions/s':>15} {'plain actions/s':>15} {'speedup':>8} | "
+        f"{'GFLOP/s':>8} {'of fp32 mm':>10} | {'train step ms':>13} {'plain ms':>9}"
+    )
     for act_dim in args.act_dims:
         fast = BehaviorModel.from_preset("mujoco", args.obs_dim, [-1] * act_dim, [1] * act_dim).to(device)
         plain = PlainBehaviorModel(args.obs_dim, act_dim, p).to(device)

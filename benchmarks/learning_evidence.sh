@@ -31,7 +31,7 @@ wait
 
 # Online, InvertedPendulum-v5, fully online (M = 1), with a faster target (EMA 0.98, Q lr 3e-4).
 for seed in 1 2 3; do
-  python emaq_online.py --env-id InvertedPendulum-v5 --total-steps 12000 --learning-starts 1000 --eval-every 1000 \
+  python emaq_online.py --env-id InvertedPendulum-v5 --total-timesteps 12000 --learning-starts 1000 --eval-every 1000 \
       --eval-episodes 5 --behavior-preset table3 --num-qs 4 --q-hidden 256 --q-layers 2 --num-samples 20 \
       --q-lr 3e-4 --ema 0.98 --seed $seed --runs-dir "$RUNS/online" --exp-name evidence_cpu &
 done
@@ -39,7 +39,7 @@ wait
 
 # Online, Hopper-v5 and HalfCheetah-v5 curves (paper target settings, CPU-sized networks).
 for env in Hopper-v5 HalfCheetah-v5; do
-  python emaq_online.py --env-id $env --total-steps 20000 --learning-starts 5000 --eval-every 2500 --eval-episodes 5 \
+  python emaq_online.py --env-id $env --total-timesteps 20000 --learning-starts 5000 --eval-every 2500 --eval-episodes 5 \
       --behavior-preset table3 --num-qs 4 --q-hidden 256 --q-layers 2 --num-samples 10 --seed 1 \
       --runs-dir "$RUNS/curves" --exp-name curve_cpu --checkpoint-every 5000 &
 done

@@ -35,7 +35,7 @@ def main(root: str, curve: bool):
         if curve:
             steps = [h[0] for h in runs[0]["history"]]
             values = np.array([[h[1] for h in r["history"]] for r in runs if len(r["history"]) == len(steps)])
-            for step, mean, std in zip(steps, values.mean(0), values.std(0)):
+            for step, mean, std in zip(steps, values.mean(0), values.std(0), strict=False):
                 print(f"    {step:>8}  {mean:8.1f} ± {std:.1f}")
 
 

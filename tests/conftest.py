@@ -8,6 +8,7 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,11 @@ def collect(env, num_steps, seed=0, policy=None):
     buffers, transitions, episode = [], [], None
 
     def stack(items):
-        return {k: np.asarray([o[k] for o in items]) for k in items[0]} if isinstance(items[0], dict) else np.asarray(items)
+        return (
+            {k: np.asarray([o[k] for o in items]) for k in items[0]}
+            if isinstance(items[0], dict)
+            else np.asarray(items)
+        )
 
     while len(transitions) < num_steps:
         episode = episode or dict(obs=[obs], actions=[], rewards=[], terms=[], truncs=[])
@@ -43,12 +48,24 @@ def collect(env, num_steps, seed=0, policy=None):
         next_obs, reward, terminated, truncated, _ = env.step(action)
         truncated = truncated or len(transitions) == num_steps - 1
         transitions.append((obs, action, reward, next_obs, terminated, truncated))
-        for key, value in zip(("obs", "actions", "rewards", "terms", "truncs"), (next_obs, action, reward, terminated, truncated)):
+        for key, value in zip(
+            ("obs", "actions", "rewards", "terms", "truncs"),
+            (next_obs, action, reward, terminated, truncated),
+            strict=True,
+        ):
             episode[key].append(value)
         obs = next_obs
         if terminated or truncated:
-            buffers.append(EpisodeBuffer(id=len(buffers), observations=stack(episode["obs"]), actions=np.asarray(episode["actions"]),
-                                         rewards=episode["rewards"], terminations=episode["terms"], truncations=episode["truncs"]))
+            buffers.append(
+                EpisodeBuffer(
+                    id=len(buffers),
+                    observations=stack(episode["obs"]),
+                    actions=np.asarray(episode["actions"]),
+                    rewards=episode["rewards"],
+                    terminations=episode["terms"],
+                    truncations=episode["truncs"],
+                )
+            )
             obs, episode = env.reset()[0], None
     return buffers, transitions
 
@@ -64,8 +81,17 @@ def make_dataset(dataset_id, env, num_steps, seed=0, policy=None, edit=None, **m
         buffers = edit(buffers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        minari.create_dataset_from_buffers(dataset_id, buffers, env=env, algorithm_name="random", author="tests",
-                                           author_email="none", code_permalink="tests", description="test data", **metadata)
+        minari.create_dataset_from_buffers(
+            dataset_id,
+            buffers,
+            env=env,
+            algorithm_name="random",
+            author="tests",
+            author_email="none",
+            code_permalink="tests",
+            description="test data",
+            **metadata,
+        )
     return minari.load_dataset(dataset_id), transitions
 
 
@@ -75,9 +101,55 @@ def run_script(*args, timeout=600):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-TINY = ["--preset", "table3", "--behavior-updates", "50", "--total-updates", "40", "--eval-every", "20", "--eval-episodes", "2",
-        "--log-every", "10", "--num-qs", "2", "--q-hidden", "32", "--q-layers", "2", "--batch-size", "32", "--num-samples", "4",
-        "--delta-ns", "1", "4", "16", "--delta-support-samples", "256", "--delta-states", "16"]
+TINY = [
+    "--preset",
+    "table3",
+    "--behavior-updates",
+    "50",
+    "--total-updates",
+    "40",
+    "--eval-every",
+    "20",
+    "--eval-episodes",
+    "2",
+    "--log-every",
+    "10",
+    "--num-qs",
+    "2",
+    "--q-hidden",
+    "32",
+    "--q-layers",
+    "2",
+    "--batch-size",
+    "32",
+    "--num-samples",
+    "4",
+    "--delta-ns",
+    "1",
+    "4",
+    "16",
+    "--delta-support-samples",
+    "256",
+    "--delta-states",
+    "16",
+]
+
+
+def make_update(data, mu, q_ensemble, q_target, q_optimizer, args, states_per_chunk=None):
+    """The update emaq_offline.main runs: a batch drawn on the device, eq. 10 on it, the bf16 read copies in bf16,
+    compiled when args.compile == "on" (args' speed flags are already resolved)."""
+    import emaq_offline as eo
+
+    target_mu, target_q = mu, q_target
+    if args.precision == "bf16":
+        target_mu, target_q = eo.bf16_copy(mu, eo.MU_OUTPUT), eo.bf16_copy(q_target, eo.Q_OUTPUT)
+
+    def update():
+        idx = torch.randint(len(data["obs"]), (args.batch_size,), device=data["obs"].device)
+        batch = [data[key][idx] for key in ("obs", "actions", "rewards", "next_obs", "terminals")]
+        return eo.emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, args, states_per_chunk)
+
+    return eo.compile_update(update, args)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ teacher-forced logits), each Q network its own nn.Sequential on [s, a], one netw
 
 import pytest
 import torch
+from conftest import make_update
 from torch import nn
 
 import emaq_offline as eo
@@ -31,7 +32,7 @@ def plain_member(q, k):
     layers = [nn.Linear(OBS + ACT, HIDDEN), nn.ReLU()]
     layers[0].weight.data = torch.cat([q.w_obs[k], q.w_act[k]]).T.clone()
     layers[0].bias.data = q.b_in[k, 0].clone()
-    for w, b in zip(q.w_hidden, q.b_hidden):
+    for w, b in zip(q.w_hidden, q.b_hidden, strict=False):
         layers += [nn.Linear(HIDDEN, HIDDEN), nn.ReLU()]
         layers[-2].weight.data, layers[-2].bias.data = w[k].T.clone(), b[k, 0].clone()
     layers.append(nn.Linear(HIDDEN, 1))
@@ -41,19 +42,28 @@ def plain_member(q, k):
 
 def setup(seed=0):
     torch.manual_seed(seed)
-    mu = BehaviorModel(OBS, [-1, 0, -2], [1, 2, 0], state_hidden=32, embed_dim=32, head_hidden=32, head_layers=2, num_bins=12)
+    mu = BehaviorModel(
+        OBS, [-1, 0, -2], [1, 2, 0], state_hidden=32, embed_dim=32, head_hidden=32, head_layers=2, num_bins=12
+    )
     q = eo.QEnsemble(OBS, ACT, K, HIDDEN, layers=3)
     q_target = eo.QEnsemble(OBS, ACT, K, HIDDEN, layers=3).requires_grad_(False)
-    data = {"obs": torch.randn(200, OBS), "actions": torch.rand(200, ACT) * 2 - 1, "rewards": torch.randn(200),
-            "next_obs": torch.randn(200, OBS), "terminals": (torch.rand(200) < 0.2).float()}
+    data = {
+        "obs": torch.randn(200, OBS),
+        "actions": torch.rand(200, ACT) * 2 - 1,
+        "rewards": torch.randn(200),
+        "next_obs": torch.randn(200, OBS),
+        "terminals": (torch.rand(200) < 0.2).float(),
+    }
     return mu.requires_grad_(False), q, q_target, data
 
 
 def plain_update(mu, q, q_target, data, args, seed):
-    """Returns (target, mean loss over members, first hidden layer's gradient per member), drawing the same random numbers."""
+    """(target, mean loss over members, first hidden layer's gradient per member), drawing the same random numbers."""
     torch.manual_seed(seed)
     idx = torch.randint(200, (B,))
-    obs, actions, rewards, next_obs, terminals = (data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals"))
+    obs, actions, rewards, next_obs, terminals = (
+        data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals")
+    )
     samples = plain_sample(mu, next_obs, N, torch.rand(2, B, N, ACT))  # the fast path values them in chunks of states
     targets, members = [plain_member(q_target, k) for k in range(K)], [plain_member(q, k) for k in range(K)]
     with torch.no_grad():
@@ -72,7 +82,7 @@ def plain_update(mu, q, q_target, data, args, seed):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fast_update_matches_the_plain_update(precision):
     """fp32: targets, loss, gradients and EMA'd targets agree within fp32 tolerance (1e-5 relative).
-    bf16 (stated tolerance): the mean target within 0.5% (of its mean magnitude) and the loss within 1% of the plain fp32
+    bf16 (stated tolerance): the mean target within 0.5% (of its mean magnitude) and the loss within 1% of plain fp32
     update; measured on 5 seeds: at most 0.02% for both."""
     mu, q, q_target, data = setup()
     args = eo.Args(num_samples=N, num_qs=K, batch_size=B, precision=precision, compile="off", ema=0.9)
@@ -80,7 +90,7 @@ def test_fast_update_matches_the_plain_update(precision):
     expected_target, expected_loss, expected_grads = plain_update(mu, q, q_target, data, args, seed=3)
     initial_target_q = [p.clone() for p in q_target.parameters()]
 
-    update = eo.make_update(data, mu, q, q_target, torch.optim.Adam(q.parameters(), lr=1e-3, fused=True), args, chunk)
+    update = make_update(data, mu, q, q_target, torch.optim.Adam(q.parameters(), lr=1e-3, fused=True), args, chunk)
     torch.manual_seed(3)
     metrics = update()
     target_mean, loss = metrics["target_values"], metrics["qf_loss"]
@@ -89,7 +99,8 @@ def test_fast_update_matches_the_plain_update(precision):
         torch.testing.assert_close(target_mean, expected_target.mean(), rtol=1e-5, atol=1e-5 * scale)
         torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
         torch.testing.assert_close(q.w_hidden[0].grad, expected_grads, rtol=1e-4, atol=1e-6)
-        for p_t, p_0, p in zip(q_target.parameters(), initial_target_q, q.parameters()):  # EMA of the stepped weights
+        # the EMA of the stepped weights
+        for p_t, p_0, p in zip(q_target.parameters(), initial_target_q, q.parameters(), strict=True):
             torch.testing.assert_close(p_t, args.ema * p_0 + (1 - args.ema) * p.detach())
     else:
         assert abs(target_mean - expected_target.mean()) < 0.005 * scale
@@ -102,7 +113,7 @@ def test_bf16_target_copies_follow_the_fp32_target_every_update():
     copies of the current fp32 target (which stays fp32: bf16 rounding would swallow the EMA's 0.5% steps)."""
     mu, q, q_target, data = setup()
     args = eo.Args(num_samples=N, num_qs=K, batch_size=B, precision="bf16", compile="off")
-    update = eo.make_update(data, mu, q, q_target, torch.optim.Adam(q.parameters(), lr=1e-2), args, 8)
+    update = make_update(data, mu, q, q_target, torch.optim.Adam(q.parameters(), lr=1e-2), args, 8)
     before = q_target.w_hidden[0].clone()
     for _ in range(3):
         update()
@@ -110,8 +121,15 @@ def test_bf16_target_copies_follow_the_fp32_target_every_update():
     torch.manual_seed(5)
     idx = torch.randint(200, (B,))
     with eo.autocast("bf16", torch.device("cpu")):
-        expected = eo.emaq_target(eo.bf16_copy(mu, eo.MU_OUTPUT), eo.bf16_copy(q_target, eo.Q_OUTPUT), data["rewards"][idx], data["next_obs"][idx],
-                                  data["terminals"][idx], args, 8)
+        expected = eo.emaq_target(
+            eo.bf16_copy(mu, eo.MU_OUTPUT),
+            eo.bf16_copy(q_target, eo.Q_OUTPUT),
+            data["rewards"][idx],
+            data["next_obs"][idx],
+            data["terminals"][idx],
+            args,
+            8,
+        )
     torch.manual_seed(5)
     assert update()["target_values"] == expected.mean()
 
@@ -119,31 +137,34 @@ def test_bf16_target_copies_follow_the_fp32_target_every_update():
 def test_compiled_update_equals_eager_and_failure_falls_back(monkeypatch, capsys):
     """--compile on (CPU, inductor): one update gives the eager update's metrics and weights. If compiling is
     impossible, the run continues eagerly with a one-line warning."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's random streams: the same batch and samples
+    monkeypatch.setattr(
+        torch._inductor.config, "fallback_random", True
+    )  # eager's random streams: the same batch and samples
     results = []
     for compile_mode in ("off", "on"):
         mu, q, q_target, data = setup()
         args = eo.Args(num_samples=N, num_qs=K, batch_size=B, precision="fp32", compile=compile_mode, ema=0.9)
-        update = eo.make_update(data, mu, q, q_target, torch.optim.Adam(q.parameters(), lr=1e-3, fused=True), args, 8)
+        update = make_update(data, mu, q, q_target, torch.optim.Adam(q.parameters(), lr=1e-3, fused=True), args, 8)
         torch.manual_seed(7)
         metrics = [update() for _ in range(2)][-1]
         results.append((metrics, [p.detach().clone() for p in q.parameters()]))
     (eager, eager_weights), (compiled, compiled_weights) = results
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
-    for a, b in zip(compiled_weights, eager_weights):
+    for a, b in zip(compiled_weights, eager_weights, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
     def broken_compile(fn, **kwargs):
         def call():
             raise RuntimeError("Compiler: cc not found")
+
         return call
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     mu, q, q_target, data = setup()
     args = eo.Args(num_samples=N, num_qs=K, batch_size=B, precision="fp32", compile="on")
     before = q.w_out.detach().clone()
-    metrics = eo.make_update(data, mu, q, q_target, torch.optim.Adam(q.parameters(), lr=1e-3), args, 8)()
+    metrics = make_update(data, mu, q, q_target, torch.optim.Adam(q.parameters(), lr=1e-3), args, 8)()
     assert torch.isfinite(metrics["qf_loss"]) and not torch.equal(before, q.w_out)  # the eager update ran
     assert "torch.compile failed (RuntimeError: Compiler: cc not found); continuing eagerly" in capsys.readouterr().err
 
@@ -159,8 +180,10 @@ def test_auto_settings_per_device(monkeypatch, capsys):
     gpu = eo.check_args(eo.Args(precision="fp32"), torch.device("cuda"))
     assert (gpu.compile, gpu.cudagraphs) == ("on", "on")
     assert eo.check_args(eo.Args(precision="fp32", compile="off"), torch.device("cuda")).cudagraphs == "off"
-    for bad, device, message in [(dict(cudagraphs="on"), "cpu", "--cudagraphs on needs a CUDA GPU, and this run is on the CPU"),
-                                 (dict(precision="fp32", compile="off", cudagraphs="on"), "cuda", "pass --compile on, or --cudagraphs off")]:
+    for bad, device, message in [
+        (dict(cudagraphs="on"), "cpu", "--cudagraphs on needs a CUDA GPU, and this run is on the CPU"),
+        (dict(precision="fp32", compile="off", cudagraphs="on"), "cuda", "pass --compile on, or --cudagraphs off"),
+    ]:
         with pytest.raises(SystemExit):
             eo.check_args(eo.Args(**bad), torch.device(device))
         assert message in capsys.readouterr().err
@@ -168,8 +191,8 @@ def test_auto_settings_per_device(monkeypatch, capsys):
 
 def test_bf16_keeps_the_compared_values_in_fp32_at_q_around_1000():
     """HalfCheetah medium/expert data give Q of 500 to 1200, where bf16's spacing is 4 to 8. Under --precision bf16 the
-    target's mean absolute difference from fp32's stays below 0.5, and wherever fp32's best two of N candidates differ by
-    more than 1, bf16 picks the same one in at least 99% of states. (Measured: 0.03 and 100%; with bf16 Q outputs
+    target's mean absolute difference from fp32's stays below 0.5, and wherever fp32's best two of N candidates differ
+    by more than 1, bf16 picks the same one in at least 99% of states. (Measured: 0.03 and 100%; with bf16 Q outputs
     1.0 and 66%.)"""
     torch.manual_seed(0)
     obs_dim, act_dim, k, n, batch = 17, 6, 4, 10, 1024
@@ -179,12 +202,19 @@ def test_bf16_keeps_the_compared_values_in_fp32_at_q_around_1000():
         q.w_out.mul_(200.0)
         q.b_out.fill_(1000.0)
     args = eo.Args(num_samples=n, num_qs=k)
-    obs, next_obs, rewards, terminals = torch.randn(batch, obs_dim), torch.randn(batch, obs_dim), torch.rand(batch) * 10, torch.zeros(batch)
+    obs, next_obs, rewards, terminals = (
+        torch.randn(batch, obs_dim),
+        torch.randn(batch, obs_dim),
+        torch.rand(batch) * 10,
+        torch.zeros(batch),
+    )
     candidates = mu.sample(obs, n)
     values32 = eo.ensemble(q(obs, candidates), 1.0)
     torch.manual_seed(1)
     target32 = eo.emaq_target(mu, q, rewards, next_obs, terminals, args)
-    with eo.autocast("bf16", torch.device("cpu")):  # the bf16 path: read copies of mu and the target, as make_update uses
+    with eo.autocast(
+        "bf16", torch.device("cpu")
+    ):  # the bf16 path: read copies of mu and the target, as make_update uses
         mu16, q16 = eo.bf16_copy(mu, eo.MU_OUTPUT), eo.bf16_copy(q, eo.Q_OUTPUT)
         values16 = eo.ensemble(q16(obs, candidates), 1.0)
         torch.manual_seed(1)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, make_dataset, run_script
+from conftest import TINY, make_dataset, make_update, run_script
 
 import emaq_offline as eo
+import emaq_online as eon
 from behavior_model import BehaviorModel
 
 
@@ -21,11 +22,15 @@ def test_transitions_are_aligned_in_every_episode(hopper_env):
     dataset, truth = make_dataset("test/hopper-mixed-v0", hopper_env, 1500, seed=3)
     data = eo.episodes_to_transitions(minari.load_dataset("test/hopper-mixed-v0"))
     ends = [(t[4], t[5]) for t in truth if t[4] or t[5]]
-    assert any(term for term, _ in ends) and any(trunc and not term for term, trunc in ends), "need both kinds of ending"
+    assert any(term for term, _ in ends) and any(trunc and not term for term, trunc in ends), (
+        "need both kinds of ending"
+    )
     assert dataset.total_episodes > 20
     expected = {
-        "obs": np.array([t[0] for t in truth], np.float32), "actions": np.array([t[1] for t in truth], np.float32),
-        "rewards": np.array([t[2] for t in truth], np.float32), "next_obs": np.array([t[3] for t in truth], np.float32),
+        "obs": np.array([t[0] for t in truth], np.float32),
+        "actions": np.array([t[1] for t in truth], np.float32),
+        "rewards": np.array([t[2] for t in truth], np.float32),
+        "next_obs": np.array([t[3] for t in truth], np.float32),
         "terminals": np.array([t[4] for t in truth], np.float32),  # termination only: truncation bootstraps
     }
     for key, value in expected.items():
@@ -35,7 +40,9 @@ def test_transitions_are_aligned_in_every_episode(hopper_env):
 
 
 def test_dict_observations_flatten_in_the_spaces_key_order():
-    space = gym.spaces.Dict({"b": gym.spaces.Box(-1, 1, (2,)), "a": gym.spaces.Dict({"x": gym.spaces.Box(-1, 1, (1,))})})
+    space = gym.spaces.Dict(
+        {"b": gym.spaces.Box(-1, 1, (2,)), "a": gym.spaces.Dict({"x": gym.spaces.Box(-1, 1, (1,))})}
+    )
     obs = {"b": np.array([[1.0, 2.0], [3.0, 4.0]]), "a": {"x": np.array([[5.0], [6.0]])}}
     keys = list(space.spaces)
     flat = eo.flatten_obs(space, obs)
@@ -45,7 +52,10 @@ def test_dict_observations_flatten_in_the_spaces_key_order():
 
 
 def test_out_of_bound_actions_are_clipped_and_counted(capsys):
-    data = {"obs": np.zeros((3, 2), np.float32), "actions": np.array([[0.5, 2.0], [-3.0, 0.0], [1.0, -1.0]], np.float32)}
+    data = {
+        "obs": np.zeros((3, 2), np.float32),
+        "actions": np.array([[0.5, 2.0], [-3.0, 0.0], [1.0, -1.0]], np.float32),
+    }
     out = eo.check_and_clip(data, [-1, -1], [1, 1], "x")
     assert "clipped 2 action coordinates" in capsys.readouterr().err
     np.testing.assert_array_equal(out["actions"], [[0.5, 1.0], [-1.0, 0.0], [1.0, -1.0]])
@@ -56,7 +66,13 @@ def test_reference_scores_fall_back_to_d4rl_and_never_crash():
     assert eo.reference_scores(cheetah) == (-280.178953, 12135.0, "normalized_score_d4rl_ref")
     pendulum, _ = make_dataset("test/pendulum-v0", gym.make("Pendulum-v1", max_episode_steps=20), 40)
     assert eo.reference_scores(pendulum) is None and eo.normalized(np.array([1.0]), None) is None
-    own, _ = make_dataset("test/cheetah-ref-v0", gym.make("HalfCheetah-v5", max_episode_steps=20), 40, ref_min_score=-5.0, ref_max_score=15.0)
+    own, _ = make_dataset(
+        "test/cheetah-ref-v0",
+        gym.make("HalfCheetah-v5", max_episode_steps=20),
+        40,
+        ref_min_score=-5.0,
+        ref_max_score=15.0,
+    )
     assert eo.reference_scores(own) == (-5.0, 15.0, "normalized_score")
     assert eo.normalized(np.array([5.0, 5.0]), eo.reference_scores(own)) == pytest.approx(50.0)
 
@@ -65,22 +81,31 @@ def test_reference_scores_fall_back_to_d4rl_and_never_crash():
 def member_q(q, k, obs, action):
     """Q_k(s, a) computed the plain way: one member, one (s, a) pair, concatenated input."""
     x = F.relu(torch.cat([obs, action]) @ torch.cat([q.w_obs[k], q.w_act[k]]) + q.b_in[k, 0])
-    for w, b in zip(q.w_hidden, q.b_hidden):
+    for w, b in zip(q.w_hidden, q.b_hidden, strict=False):
         x = F.relu(x @ w[k] + b[k, 0])
     return (x @ q.w_out[k] + q.b_out[k, 0]).squeeze()
 
 
+@pytest.mark.parametrize("script", [eo, eon], ids=["offline", "online"])
 @pytest.mark.parametrize("backup, lam", [("max", 1.0), ("max", 0.5), ("soft", 0.75)])
-def test_emaq_target_equals_brute_force(backup, lam):
+def test_emaq_target_equals_brute_force(backup, lam, script):
+    """Per sample and per member, for both scripts' target (the online update calls the same emaq_target), whole and
+    in chunks of next states."""
     torch.manual_seed(0)
     batch, n, k, obs_dim = 6, 5, 3, 4
-    args = eo.Args(num_samples=n, ensemble_lambda=lam, backup=backup, soft_alpha=3.0, gamma=0.9)
-    mu = BehaviorModel(obs_dim, [-1, 0], [1, 2], state_hidden=16, embed_dim=16, head_hidden=16, head_layers=2, num_bins=10)
-    q = eo.QEnsemble(obs_dim, 2, k, hidden=16, layers=2)
+    args = script.Args(num_samples=n, ensemble_lambda=lam, backup=backup, soft_alpha=3.0, gamma=0.9)
+    mu = BehaviorModel(
+        obs_dim, [-1, 0], [1, 2], state_hidden=16, embed_dim=16, head_hidden=16, head_layers=2, num_bins=10
+    )
+    q = script.QEnsemble(obs_dim, 2, k, hidden=16, layers=2)
     rewards, next_obs, terminals = torch.randn(batch), torch.randn(batch, obs_dim), torch.tensor([0, 1, 0, 0, 1, 0.0])
 
     torch.manual_seed(1)
-    target = eo.emaq_target(mu, q, rewards, next_obs, terminals, args)
+    target = script.emaq_target(mu, q, rewards, next_obs, terminals, args)
+    torch.manual_seed(1)
+    torch.testing.assert_close(
+        script.emaq_target(mu, q, rewards, next_obs, terminals, args, states_per_chunk=4), target
+    )
     torch.manual_seed(1)
     samples = mu.sample(next_obs, n)  # the same samples, drawn again
     for b in range(batch):
@@ -104,7 +129,9 @@ def test_test_time_policy_takes_the_argmax_of_test_ensemble():
     torch.manual_seed(2)
     candidates = mu.sample(obs, 7)
     for b in range(5):
-        values = torch.stack([torch.stack([member_q(q, j, obs[b], candidates[b, i]) for j in range(4)]) for i in range(7)])
+        values = torch.stack(
+            [torch.stack([member_q(q, j, obs[b], candidates[b, i]) for j in range(4)]) for i in range(7)]
+        )
         scores = 0.3 * values.min(1).values + 0.7 * values.max(1).values
         assert torch.equal(chosen[b], candidates[b, scores.argmax()])
 
@@ -120,7 +147,9 @@ def tensorboard_tags(run_dir):
 
 def test_end_to_end_on_a_generated_dataset_then_reload_and_evaluate(tmp_path):
     runs = str(tmp_path / "runs")
-    result = run_script("emaq_offline.py", "--dataset-id", "emaq/Hopper-v5/random_2000-v0", "--runs-dir", runs, "--save-model", *TINY)
+    result = run_script(
+        "emaq_offline.py", "--dataset-id", "emaq/Hopper-v5/random_2000-v0", "--runs-dir", runs, "--save-model", *TINY
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     dataset = minari.load_dataset("emaq/Hopper-v5/random_2000-v0")
     assert dataset.total_steps == 2000 and dataset.storage.metadata["ref_max_score"] == 3234.3
@@ -129,12 +158,25 @@ def test_end_to_end_on_a_generated_dataset_then_reload_and_evaluate(tmp_path):
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert [h[0] for h in summary["history"]] == [20, 40] and all(np.isfinite(h[1]) for h in summary["history"])
     tags = tensorboard_tags(run_dir)
-    for tag in ("eval/episodic_return", "eval/normalized_score", "eval/behavior_return", "eval/behavior_normalized_score",
-                "eval/behavior_heldout_nll", "losses/qf_loss", "losses/qf_values", "losses/behavior_nll", "charts/SPS"):
+    for tag in (
+        "eval/episodic_return",
+        "eval/normalized_score",
+        "eval/behavior_return",
+        "eval/behavior_normalized_score",
+        "eval/behavior_heldout_nll",
+        "losses/qf_loss",
+        "losses/qf_values",
+        "losses/behavior_nll",
+        "charts/SPS",
+    ):
         assert tag in tags, tag
     assert tags["eval/episodic_return"] == pytest.approx([h[1] for h in summary["history"]])
     last_line = result.stdout.strip().splitlines()[-1]
-    assert last_line.startswith("emaq/Hopper-v5/random_2000-v0 | mu return") and "EMaQ last return" in last_line and "best" in last_line
+    assert (
+        last_line.startswith("emaq/Hopper-v5/random_2000-v0 | mu return")
+        and "EMaQ last return" in last_line
+        and "best" in last_line
+    )
     for name in ("mu.pt", "mu.json", "model.pt", "config.json", "delta_curve.png"):
         assert os.path.exists(os.path.join(run_dir, name)), name
     curve = np.loadtxt(os.path.join(run_dir, "delta_curve.csv"), delimiter=",", skiprows=1)
@@ -142,16 +184,42 @@ def test_end_to_end_on_a_generated_dataset_then_reload_and_evaluate(tmp_path):
     assert (curve[:, 2] <= curve[:, 1] + 1e-6).all() and (curve[:, 1] <= curve[:, 3] + 1e-6).all()  # p10 <= mean <= p90
     assert len(tags["delta/mean"]) == 3
 
-    os.remove(os.path.join(run_dir, "delta_curve.csv"))  # a saved run is evaluated, and its Delta recomputed, without training
-    again = run_script("emaq_offline.py", "--evaluate-run", run_dir, "--eval-episodes", "2", "--delta-ns", "2", "8",
-                       "--delta-support-samples", "128", "--delta-states", "4")
+    os.remove(
+        os.path.join(run_dir, "delta_curve.csv")
+    )  # a saved run is evaluated, and its Delta recomputed, without training
+    again = run_script(
+        "emaq_offline.py",
+        "--evaluate-run",
+        run_dir,
+        "--eval-episodes",
+        "2",
+        "--delta-ns",
+        "2",
+        "8",
+        "--delta-support-samples",
+        "128",
+        "--delta-states",
+        "4",
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "return" in again.stdout and "normalized_score" in again.stdout
     assert np.loadtxt(os.path.join(run_dir, "delta_curve.csv"), delimiter=",", skiprows=1)[:, 0].tolist() == [2, 8]
 
     # A sweep over N reuses the saved mu: the loaded model drives a new run.
-    reuse = run_script("emaq_offline.py", "--dataset-id", "emaq/Hopper-v5/random_2000-v0", "--runs-dir", runs,
-                       "--behavior-path", os.path.join(run_dir, "mu.pt"), *TINY, "--behavior-updates", "0", "--total-updates", "20")
+    reuse = run_script(
+        "emaq_offline.py",
+        "--dataset-id",
+        "emaq/Hopper-v5/random_2000-v0",
+        "--runs-dir",
+        runs,
+        "--behavior-path",
+        os.path.join(run_dir, "mu.pt"),
+        *TINY,
+        "--behavior-updates",
+        "0",
+        "--total-updates",
+        "20",
+    )
     assert reuse.returncode == 0, reuse.stderr[-3000:]
     assert "losses/behavior_nll" not in tensorboard_tags(max(glob.glob(os.path.join(runs, "*")), key=os.path.getmtime))
 
@@ -166,7 +234,9 @@ def test_dict_observation_dataset_trains_and_evaluates(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(os.path.join(runs, "*"))
     tags = tensorboard_tags(run_dir)
-    assert len(tags["eval/episodic_return"]) == 2 and "eval/normalized_score" not in tags  # no reference scores, no crash
+    assert (
+        len(tags["eval/episodic_return"]) == 2 and "eval/normalized_score" not in tags
+    )  # no reference scores, no crash
     assert "obs 8, actions 2" in result.stderr  # 2 + 2 + 4 flattened Dict entries
 
 
@@ -176,7 +246,7 @@ def test_evaluation_env_sees_normalized_observations(hopper_env):
     mean, std = torch.full((11,), 0.5), torch.full((11,), 2.0)
     seen = []
 
-    def policy(obs):
+    def policy(obs, generator):
         seen.append(obs.clone())
         return torch.zeros(len(obs), 3)
 
@@ -219,12 +289,15 @@ def test_nan_in_data_is_refused(tmp_path, hopper_env):
     assert_clean_failure(result, "test/hopper-nan-v0", "NaN/Inf", "obs")
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--num-samples", "0"], ["--num-samples (N) must be >= 1"]),
-    (["--num-qs", "0"], ["--num-qs (K) must be >= 1"]),
-    (["--ensemble-lambda", "1.5"], ["--ensemble-lambda must lie in [0, 1]"]),
-    (["--cudagraphs", "on", "--no-cuda"], ["--cudagraphs on needs a CUDA GPU, and this run is on the CPU"]),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--num-samples", "0"], ["--num-samples (N) must be >= 1"]),
+        (["--num-qs", "0"], ["--num-qs (K) must be >= 1"]),
+        (["--ensemble-lambda", "1.5"], ["--ensemble-lambda must lie in [0, 1]"]),
+        (["--cudagraphs", "on", "--no-cuda"], ["--cudagraphs on needs a CUDA GPU, and this run is on the CPU"]),
+    ],
+)
 def test_impossible_flags_are_refused(tmp_path, flags, words):
     assert_clean_failure(run_script("emaq_offline.py", "--runs-dir", str(tmp_path), *flags), *words)
 
@@ -233,15 +306,25 @@ def test_behavior_path_for_other_shapes_is_refused(tmp_path, hopper_env):
     make_dataset("test/hopper-mixed-v0", hopper_env, 1500, seed=3)
     path = str(tmp_path / "mu.pt")
     BehaviorModel(5, [-1, -1], [1, 1], state_hidden=8, embed_dim=8, head_hidden=8, head_layers=1, num_bins=4).save(path)
-    result = run_script("emaq_offline.py", "--dataset-id", "test/hopper-mixed-v0", "--runs-dir", str(tmp_path), *TINY,
-                        "--behavior-path", path)
+    result = run_script(
+        "emaq_offline.py",
+        "--dataset-id",
+        "test/hopper-mixed-v0",
+        "--runs-dir",
+        str(tmp_path),
+        *TINY,
+        "--behavior-path",
+        path,
+    )
     assert_clean_failure(result, "observations of dim 5 and actions of dim 2", "observation dim 11 and action dim 3")
 
 
 def test_bf16_update_stays_within_the_stated_tolerance_of_fp32():
     """bf16 autocast: Q values within 2% (of the largest magnitude) and the squared-error loss within 5% of fp32."""
     torch.manual_seed(0)
-    mu = BehaviorModel(5, [-1, -1, -1], [1, 1, 1], state_hidden=64, embed_dim=64, head_hidden=64, head_layers=2, num_bins=20)
+    mu = BehaviorModel(
+        5, [-1, -1, -1], [1, 1, 1], state_hidden=64, embed_dim=64, head_hidden=64, head_layers=2, num_bins=20
+    )
     q = eo.QEnsemble(5, 3, 4, hidden=128, layers=3)
     obs, actions = torch.randn(64, 5), mu.sample(torch.randn(64, 5), 10)
     exact = q(obs, actions)
@@ -253,8 +336,19 @@ def test_bf16_update_stays_within_the_stated_tolerance_of_fp32():
     loss_bf16 = ((approx[:, :, 0] - target) ** 2).mean(1).sum()
     assert abs(loss_bf16 - loss) < 0.05 * loss
     # and a whole update runs in bf16 with finite, fp32 outputs
-    data = {"obs": torch.randn(500, 5), "actions": torch.rand(500, 3) * 2 - 1, "rewards": torch.randn(500),
-            "next_obs": torch.randn(500, 5), "terminals": torch.zeros(500)}
-    metrics = eo.make_update(data, mu, q, eo.QEnsemble(5, 3, 4, hidden=128, layers=3), torch.optim.Adam(q.parameters()),
-                             eo.Args(num_samples=8, num_qs=4, batch_size=32, precision="bf16"))()
+    data = {
+        "obs": torch.randn(500, 5),
+        "actions": torch.rand(500, 3) * 2 - 1,
+        "rewards": torch.randn(500),
+        "next_obs": torch.randn(500, 5),
+        "terminals": torch.zeros(500),
+    }
+    metrics = make_update(
+        data,
+        mu,
+        q,
+        eo.QEnsemble(5, 3, 4, hidden=128, layers=3),
+        torch.optim.Adam(q.parameters()),
+        eo.Args(num_samples=8, num_qs=4, batch_size=32, precision="bf16"),
+    )()
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in metrics.values())

@@ -95,14 +95,17 @@ def check_fixed_point_is_q_of_best_of_n_policy(backup, P, R, mu, n):  # Theorem 
 def check_interpolation(backup, P, R, mu):  # Theorem 3.3
     S, A = R.shape
     np.testing.assert_allclose(fixed_point(lambda q: backup(q, P, R, mu, 1), S, A), policy_q(P, R, mu), atol=1e-8)
-    errors = [np.abs(fixed_point(lambda q: backup(q, P, R, mu, n), S, A) - q_star_mu(P, R, mu)).max() for n in (1, 10, 100, 5000)]
+    errors = [
+        np.abs(fixed_point(lambda q: backup(q, P, R, mu, n), S, A) - q_star_mu(P, R, mu)).max()
+        for n in (1, 10, 100, 5000)
+    ]
     assert errors[-1] < 1e-3 * max(1.0, errors[0]), errors
-    assert all(a >= b - 1e-10 for a, b in zip(errors, errors[1:])), errors
+    assert all(a >= b - 1e-10 for a, b in zip(errors, errors[1:], strict=False)), errors
 
 
 def check_monotone_in_n(backup, P, R, mu):  # Theorem 3.4
     qs = [fixed_point(lambda q: backup(q, P, R, mu, n), *R.shape) for n in (1, 2, 3, 5, 10, 50)]
-    for lower, higher in zip(qs, qs[1:]):
+    for lower, higher in zip(qs, qs[1:], strict=False):
         assert (higher[mu > 0] >= lower[mu > 0] - 1e-10).all()
 
 
@@ -178,8 +181,11 @@ def max_of_expectation_backup(Q, P, R, mu, n):
 def test_wrong_backups_fail_the_checks(wrong):
     P, R, mu = random_mdp(0, partial_support=True)
     failures = 0
-    for check in (lambda: check_fixed_point_is_q_of_best_of_n_policy(wrong, P, R, mu, 5), lambda: check_interpolation(wrong, P, R, mu),
-                  lambda: check_suboptimality_bound(wrong, P, R, mu, 5)):
+    for check in (
+        lambda: check_fixed_point_is_q_of_best_of_n_policy(wrong, P, R, mu, 5),
+        lambda: check_interpolation(wrong, P, R, mu),
+        lambda: check_suboptimality_bound(wrong, P, R, mu, 5),
+    ):
         try:
             check()
         except AssertionError:
@@ -248,13 +254,16 @@ def test_project_target_averages_to_the_exact_expected_max_backup(n, lam):
 
 def test_iterating_the_project_target_converges_to_q_mu_n_and_the_policy_attains_it():
     """Value iteration whose expectation over s' is exact and whose max over N is the project's sampled target converges
-    to Q_mu^N (the closed-form fixed point); the project's test-time policy, run on Q_mu^N, has value Q_mu^N (Thm 3.2)."""
+    to Q_mu^N (the closed-form fixed point); the project's test-time policy, run on Q_mu^N, has value Q_mu^N
+    (Theorem 3.2)."""
     P, R, mu_table = random_mdp(1, partial_support=True)
     mu, n, S, A = tabular_mu(mu_table), 5, *R.shape
     exact = fixed_point(lambda Q: emaq_backup(Q, P, R, mu_table, n), S, A)
     Q = np.zeros((S, A))
     for it in range(60):
-        values = project_expected_max(np.stack([Q, Q]), mu, n, 1.0, draws=1000 if it < 50 else 8000, seed=it).mean(1).numpy()
+        values = (
+            project_expected_max(np.stack([Q, Q]), mu, n, 1.0, draws=1000 if it < 50 else 8000, seed=it).mean(1).numpy()
+        )
         Q = R + GAMMA * P @ values
     assert np.abs(Q - exact).max() < 0.05 * max(1.0, np.abs(exact).max() / 10), np.abs(Q - exact).max()
 

@@ -11,8 +11,16 @@ import emaq_offline as eo
 from behavior_model import action_bounds
 
 # The environments behind Minari's D4RL kitchen, antmaze and adroit datasets.
-TABLE3_ENVS = ["FrankaKitchen-v1", "AntMaze_UMaze-v4", "AntMaze_Medium_Diverse_GR-v4", "AntMaze_Large_Diverse_GR-v4",
-               "AdroitHandDoor-v1", "AdroitHandHammer-v1", "AdroitHandPen-v1", "AdroitHandRelocate-v1"]
+TABLE3_ENVS = [
+    "FrankaKitchen-v1",
+    "AntMaze_UMaze-v4",
+    "AntMaze_Medium_Diverse_GR-v4",
+    "AntMaze_Large_Diverse_GR-v4",
+    "AdroitHandDoor-v1",
+    "AdroitHandHammer-v1",
+    "AdroitHandPen-v1",
+    "AdroitHandRelocate-v1",
+]
 
 
 @pytest.mark.parametrize("env_id", TABLE3_ENVS)
@@ -32,27 +40,52 @@ def test_table3_environments_construct_and_flatten(env_id):
     assert len(low) == env.action_space.shape[0]
 
 
-@pytest.mark.parametrize("dataset_id, preset", [
-    ("mujoco/halfcheetah/medium-v0", "mujoco"), ("emaq/Hopper-v5/random-v0", "mujoco"), ("D4RL/kitchen/complete-v2", "table3"),
-    ("D4RL/antmaze/umaze-v1", "table3"), ("D4RL/door/cloned-v2", "table3"), ("D4RL/pen/human-v2", "table3"),
-])
+@pytest.mark.parametrize(
+    "dataset_id, preset",
+    [
+        ("mujoco/halfcheetah/medium-v0", "mujoco"),
+        ("emaq/Hopper-v5/random-v0", "mujoco"),
+        ("D4RL/kitchen/complete-v2", "table3"),
+        ("D4RL/antmaze/umaze-v1", "table3"),
+        ("D4RL/door/cloned-v2", "table3"),
+        ("D4RL/pen/human-v2", "table3"),
+    ],
+)
 def test_auto_preset_follows_the_paper(dataset_id, preset):
     args = eo.check_args(eo.Args(dataset_id=dataset_id), torch.device("cpu"))
     assert args.preset == preset
     expected = {"mujoco": (256, 8, 750, 3), "table3": (128, 16, 256, 4)}[preset]  # Table 2 / Table 3
     assert (args.batch_size, args.num_qs, args.q_hidden, args.q_layers) == expected
     assert args.q_lr == 1e-4 and args.behavior_lr == 5e-4 and args.ema == 0.995 and args.ensemble_lambda == 1.0
-    assert eo.check_args(eo.Args(dataset_id=dataset_id, num_qs=3), torch.device("cpu")).num_qs == 3  # a flag beats the preset
+    assert (
+        eo.check_args(eo.Args(dataset_id=dataset_id, num_qs=3), torch.device("cpu")).num_qs == 3
+    )  # a flag beats the preset
 
 
 # Every Table 3 dataset of Minari's D4RL collection that the README lists, and the ids a substring match got wrong.
-TABLE3_IDS = ([f"D4RL/kitchen/{name}-v2" for name in ("complete", "partial", "mixed")]
-              + [f"D4RL/antmaze/{name}-v1" for name in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")]
-              + [f"D4RL/{task}/{kind}-v2" for task in ("pen", "door", "hammer", "relocate") for kind in ("human", "cloned", "expert")]
-              + ["emaq/AdroitHandPen-v1/random-v0", "emaq/AntMaze_UMaze-v4/random_2000-v0", "emaq/FrankaKitchen-v1/random-v0"])
-MUJOCO_IDS = ["mujoco/invertedpendulum/medium-v0", "mujoco/inverteddoublependulum/expert-v0", "D4RL/pointmaze/open-v2",
-              "D4RL/pointmaze/open-dense-v2", "mujoco/hopper/expert-v0", "emaq/InvertedPendulum-v5/random-v0",
-              "practice/walker2d/medium-v0", "mujoco/pusher/expert-v0"]
+TABLE3_IDS = (
+    [f"D4RL/kitchen/{name}-v2" for name in ("complete", "partial", "mixed")]
+    + [
+        f"D4RL/antmaze/{name}-v1"
+        for name in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+    ]
+    + [
+        f"D4RL/{task}/{kind}-v2"
+        for task in ("pen", "door", "hammer", "relocate")
+        for kind in ("human", "cloned", "expert")
+    ]
+    + ["emaq/AdroitHandPen-v1/random-v0", "emaq/AntMaze_UMaze-v4/random_2000-v0", "emaq/FrankaKitchen-v1/random-v0"]
+)
+MUJOCO_IDS = [
+    "mujoco/invertedpendulum/medium-v0",
+    "mujoco/inverteddoublependulum/expert-v0",
+    "D4RL/pointmaze/open-v2",
+    "D4RL/pointmaze/open-dense-v2",
+    "mujoco/hopper/expert-v0",
+    "emaq/InvertedPendulum-v5/random-v0",
+    "practice/walker2d/medium-v0",
+    "mujoco/pusher/expert-v0",
+]
 
 
 @pytest.mark.parametrize("dataset_id", TABLE3_IDS + MUJOCO_IDS)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY, run_script
@@ -18,8 +17,19 @@ from conftest import ROOT, TINY, run_script
 import emaq_offline as eo
 
 DATASET = ["--dataset-id", "emaq/Hopper-v5/random_2000-v0"]
-LONG = [*TINY, "--behavior-updates", "60", "--total-updates", "200", "--checkpoint-every", "10", "--eval-every", "50",
-        "--save-model", "--delta-ns"]
+LONG = [
+    *TINY,
+    "--behavior-updates",
+    "60",
+    "--total-updates",
+    "200",
+    "--checkpoint-every",
+    "10",
+    "--eval-every",
+    "50",
+    "--save-model",
+    "--delta-ns",
+]
 
 
 def only_run(runs_dir):
@@ -57,13 +67,20 @@ def test_same_seed_gives_identical_metrics_and_weights_on_cpu(tmp_path, uninterr
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(uninterrupted, only_run(str(tmp_path)))
     other = run_script("emaq_offline.py", *DATASET, "--runs-dir", str(tmp_path / "other"), *LONG, "--seed", "2")
+    assert other.returncode == 0, other.stderr[-3000:]
     assert final_state(only_run(str(tmp_path / "other")))[2] != final_state(uninterrupted)[2]  # the seed matters
 
 
 def start(runs_dir):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "emaq_offline.py", *DATASET, "--runs-dir", runs_dir, *LONG], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "emaq_offline.py", *DATASET, "--runs-dir", runs_dir, *LONG],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_checkpoint(runs_dir, phase, min_step, proc, timeout=300):
@@ -125,8 +142,12 @@ def test_resume_refuses_another_dataset_or_changed_flags(uninterrupted, tmp_path
     state["phase"] = "emaq"  # pretend it was interrupted
     torch.save(state, os.path.join(run_dir, "checkpoint.pt"))
     result = run_script("emaq_offline.py", "--resume", run_dir, "--dataset-id", "emaq/Walker2d-v5/random_2000-v0")
-    assert_clean_failure(result, "cannot resume", "--dataset-id emaq/Walker2d-v5/random_2000-v0", "emaq/Hopper-v5/random_2000-v0")
-    assert_clean_failure(run_script("emaq_offline.py", "--resume", run_dir, "--num-samples", "7"), "--num-samples 7 (the run has 4)")
+    assert_clean_failure(
+        result, "cannot resume", "--dataset-id emaq/Walker2d-v5/random_2000-v0", "emaq/Hopper-v5/random_2000-v0"
+    )
+    assert_clean_failure(
+        run_script("emaq_offline.py", "--resume", run_dir, "--num-samples", "7"), "--num-samples 7 (the run has 4)"
+    )
     assert_clean_failure(run_script("emaq_offline.py", "--resume", uninterrupted), "already finished")
 
 
@@ -206,16 +227,54 @@ def test_target_is_chunked_to_fit_memory_and_refused_when_impossible():
 
 
 def test_impossible_target_memory_is_refused_up_front(tmp_path):
-    result = run_script("emaq_offline.py", *DATASET, "--runs-dir", str(tmp_path), *TINY, "--num-samples", "100000",
-                        "--target-memory-gb", "0.001")
+    result = run_script(
+        "emaq_offline.py",
+        *DATASET,
+        "--runs-dir",
+        str(tmp_path),
+        *TINY,
+        "--num-samples",
+        "100000",
+        "--target-memory-gb",
+        "0.001",
+    )
     assert_clean_failure(result, "GiB per state for N=100000", "lower --num-samples")
 
 
 # ----- online -----------------------------------------------------------------------------------------
-ONLINE = ["--env-id", "InvertedPendulum-v5", "--total-steps", "500", "--learning-starts", "100", "--eval-every", "250",
-          "--eval-episodes", "2", "--behavior-preset", "table3", "--num-qs", "2", "--q-hidden", "32", "--q-layers", "2",
-          "--num-samples", "8", "--batch-size", "32", "--log-every", "50", "--checkpoint-every", "40", "--save-model",
-          "--trajectory-batch-size", "30", "--num-envs", "2"]
+ONLINE = [
+    "--env-id",
+    "InvertedPendulum-v5",
+    "--total-timesteps",
+    "500",
+    "--learning-starts",
+    "100",
+    "--eval-every",
+    "250",
+    "--eval-episodes",
+    "2",
+    "--behavior-preset",
+    "table3",
+    "--num-qs",
+    "2",
+    "--q-hidden",
+    "32",
+    "--q-layers",
+    "2",
+    "--num-samples",
+    "8",
+    "--batch-size",
+    "32",
+    "--log-every",
+    "50",
+    "--checkpoint-every",
+    "40",
+    "--save-model",
+    "--trajectory-batch-size",
+    "30",
+    "--num-envs",
+    "2",
+]
 
 
 def online_final(run_dir):
@@ -239,11 +298,18 @@ def test_online_run_killed_mid_episode_resumes_exactly(tmp_path):
     first = run_script("emaq_online.py", *ONLINE, "--runs-dir", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_script("emaq_online.py", *ONLINE, "--runs-dir", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr[-3000:]
     assert_same_online_run(only_run(str(tmp_path / "a")), only_run(str(tmp_path / "b")))  # same seed, same run
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "emaq_online.py", *ONLINE, "--runs-dir", str(tmp_path / "c")], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "emaq_online.py", *ONLINE, "--runs-dir", str(tmp_path / "c")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     target = random.randint(150, 350)  # somewhere after learning started, mid-episode in general
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -262,4 +328,114 @@ def test_online_run_killed_mid_episode_resumes_exactly(tmp_path):
     assert "resuming at step" in resumed.stderr
     assert_same_online_run(only_run(str(tmp_path / "a")), run_dir)
     assert_clean_failure(run_script("emaq_online.py", "--resume", run_dir), "already finished")
-    assert_clean_failure(run_script("emaq_online.py", "--resume", run_dir, "--env-id", "Hopper-v5"), "cannot resume", "--env-id Hopper-v5")
+    assert_clean_failure(
+        run_script("emaq_online.py", "--resume", run_dir, "--env-id", "Hopper-v5"),
+        "cannot resume",
+        "--env-id Hopper-v5",
+    )
+
+
+# ----- extending a run, atomic dataset generation, signals on a non-finite state (issue #11) -----------------
+def test_a_finished_run_extended_to_more_updates_equals_the_longer_run(tmp_path, uninterrupted):
+    """--resume RUN --total-updates 400 continues a finished 200-update run; it ends with exactly the weights and the
+    evaluations of a 400-update run (evaluation draws from its own generator, so it never moves the training's)."""
+    import shutil
+
+    extended = str(tmp_path / "extended")
+    shutil.copytree(uninterrupted, extended)
+    result = run_script("emaq_offline.py", "--resume", extended, "--total-updates", "400")
+    assert result.returncode == 0, result.stderr[-3000:]
+    longer = run_script(
+        "emaq_offline.py", *DATASET, "--runs-dir", str(tmp_path / "longer"), *LONG, "--total-updates", "400"
+    )
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    (model_a, mu_a, hist_a), (model_b, mu_b, hist_b) = (
+        final_state(extended),
+        final_state(only_run(str(tmp_path / "longer"))),
+    )
+    assert [h[0] for h in hist_a] == [50, 100, 150, 200, 250, 300, 350, 400] and hist_a == hist_b
+    for part in ("q_ensemble", "q_target"):
+        for key, value in model_a[part].items():
+            torch.testing.assert_close(value, model_b[part][key], rtol=0, atol=0)
+    for key in mu_a:
+        torch.testing.assert_close(mu_a[key], mu_b[key], rtol=0, atol=0)
+    assert json.load(open(os.path.join(extended, "config.json")))["total_updates"] == 400
+    assert_clean_failure(
+        run_script("emaq_offline.py", "--resume", extended, "--total-updates", "300"), "already finished"
+    )
+
+
+def test_a_killed_dataset_generation_leaves_nothing_and_the_next_run_generates_it(tmp_path):
+    import minari
+
+    dataset_id = "emaq/Hopper-v5/random_30000-v0"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    args = ["--dataset-id", dataset_id, "--runs-dir", str(tmp_path), *TINY]
+    # 1. SIGKILL while stepping the environment
+    proc = subprocess.Popen(
+        [sys.executable, "emaq_offline.py", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    while "generating" not in proc.stderr.readline():
+        assert proc.poll() is None
+    proc.kill()
+    proc.wait()
+    # 2. killed after the dataset was written, before it was moved into place (the last moment a kill can hurt)
+    die_at_rename = (
+        "import os, sys, runpy; real = os.replace; "
+        "staged = lambda a, b: '.emaq-generating' in str(a) and '.emaq-generating' not in str(b); "
+        "os.replace = lambda a, b: os._exit(9) if staged(a, b) else real(a, b); "
+        "sys.argv = ['emaq_offline.py'] + sys.argv[1:]; runpy.run_path('emaq_offline.py', run_name='__main__')"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", die_at_rename, *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    root = os.environ["MINARI_DATASETS_PATH"]
+    assert dataset_id not in minari.list_local_datasets() and not os.path.exists(os.path.join(root, dataset_id))
+    assert glob.glob(os.path.join(root, ".emaq-generating-*"))  # what the kill left, hidden from Minari
+    result = run_script("emaq_offline.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert dataset_id in minari.list_local_datasets() and minari.load_dataset(dataset_id).total_steps == 30000
+    assert not glob.glob(os.path.join(root, ".emaq-generating-*"))  # the dead generations' folders were removed
+
+
+def test_a_stop_signal_never_checkpoints_a_non_finite_state(tmp_path):
+    """SIGTERM after the losses went NaN (between log steps): no checkpoint of that state; the error names the update
+    and the last good checkpoint, which is left as it was."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    flags = [
+        *DATASET,
+        "--runs-dir",
+        str(tmp_path),
+        *TINY,
+        "--behavior-updates",
+        "60",
+        "--checkpoint-every",
+        "60",
+        "--total-updates",
+        "100000",
+        "--log-every",
+        "100000",
+        "--eval-every",
+        "100000",
+        "--q-lr",
+        "1e30",
+        "--num-samples",
+        "1000",  # slow EMaQ updates: the signal lands before the next periodic checkpoint (EMaQ update 60)
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "emaq_offline.py", *flags], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    lines = []
+    while not lines or "mu alone" not in lines[-1]:
+        lines.append(proc.stderr.readline())
+        assert proc.poll() is None, "".join(lines)[-2000:]
+    time.sleep(0.5)  # some EMaQ updates, NaN from the second one
+    proc.send_signal(signal.SIGTERM)
+    stderr = "".join(lines) + proc.communicate(timeout=120)[1]
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+    assert_clean_failure(result, "NaN/Inf at update", "checkpoint.pt (behavior update 60)")
+    assert json.load(open(os.path.join(only_run(str(tmp_path)), "checkpoint.json"))) == {
+        "phase": "behavior",
+        "step": 60,
+    }

@@ -13,4 +13,6 @@ class UnboundedActions(gym.ActionWrapper):
         return action
 
 
-gym.register("UnboundedInvertedPendulum-v0", entry_point=lambda **kw: UnboundedActions(gym.make("InvertedPendulum-v5", **kw)))
+gym.register(
+    "UnboundedInvertedPendulum-v0", entry_point=lambda **kw: UnboundedActions(gym.make("InvertedPendulum-v5", **kw))
+)
