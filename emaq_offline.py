@@ -341,14 +341,7 @@ def main(args: Args):
 
     # mu(a|s): maximum likelihood on the training split (teacher forcing, all dimensions in one pass)
     if run["phase"] == "behavior" and not args.behavior_path:
-        progress = tqdm(
-            range(run["step"] + 1, args.behavior_updates + 1),
-            desc="mu",
-            unit="upd",
-            mininterval=1.0,
-            initial=run["step"],
-            total=args.behavior_updates,
-        )
+        progress = progress_bar("mu", run["step"], args.behavior_updates)
         for step in progress:
             idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), device=device)]
             with autocast(args.precision, device):
@@ -373,14 +366,11 @@ def main(args: Args):
             heldout = [-mu.log_prob(data["obs"][i], data["actions"][i]) for i in holdout_idx.split(4096)]
         if heldout:
             writer.add_scalar("eval/behavior_heldout_nll", torch.cat(heldout).mean().item(), 0)
-        mu_returns = evaluate(
-            lambda o, g: mu.sample(o, 1, generator=g)[:, 0],
-            envs,
-            dataset.observation_space,
-            normalize,
-            args.eval_seed,
-            device,
-        )
+
+        def behavior_policy(obs, generator):  # mu alone: one sample per step
+            return mu.sample(obs, 1, generator=generator)[:, 0]
+
+        mu_returns = evaluate(behavior_policy, envs, dataset.observation_space, normalize, args.eval_seed, device)
         run["mu_eval"] = {"returns": mu_returns.tolist(), "score": normalized(mu_returns, ref)}
         writer.add_scalar("eval/behavior_return", mu_returns.mean(), 0)
         if ref:
@@ -405,14 +395,7 @@ def main(args: Args):
     def policy(obs, generator):  # Algorithm 1
         return test_time_policy(mu, q_ensemble, obs, args.num_samples, args.test_ensemble_lambda, generator)
 
-    progress = tqdm(
-        range(run["step"] + 1, args.total_updates + 1),
-        desc="EMaQ",
-        unit="upd",
-        mininterval=1.0,
-        initial=run["step"],
-        total=args.total_updates,
-    )
+    progress = progress_bar("EMaQ", run["step"], args.total_updates)
     # updates/s are measured from 10 updates in (a burn-in), so compiling does not count as training speed
     burn_in_end, speed_from, speed_step = run["step"] + 10, None, None
     for step in progress:
@@ -487,6 +470,11 @@ def close_progress_bars():
     """Close open progress bars, so that the line printed next is the last one on the screen."""
     for bar in list(getattr(tqdm, "_instances", [])):
         bar.close()
+
+
+def progress_bar(desc: str, done: int, total: int):
+    """Updates done + 1 .. total, with a bar that shows updates/s and starts at `done` (a resumed run)."""
+    return tqdm(range(done + 1, total + 1), desc=desc, unit="upd", mininterval=1.0, initial=done, total=total)
 
 
 def fail(message: str):

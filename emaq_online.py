@@ -298,6 +298,9 @@ def flatten_obs(space: gym.Space, obs) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
+COUNTERS = ("global_step", "num_updates", "cycle_steps", "cycle_updates", "work", "next_eval")  # checkpointed
+
+
 def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     args, ckpt = resolve_resume(args)
@@ -324,14 +327,12 @@ def main(args: Args):
     models = dict(mu=mu, mu_optimizer=mu_optimizer, q_ensemble=q_ensemble, q_target=q_target, q_optimizer=q_optimizer)
     obs, _ = envs.reset(seed=args.seed)
     # where the loop stands: env steps, updates, steps and updates of the current cycle of M, evaluations
-    global_step, num_updates, cycle_steps, cycle_updates, work, next_eval, history = 0, 0, 0, 0, 0, args.eval_every, []
+    counters = dict(global_step=0, num_updates=0, cycle_steps=0, cycle_updates=0, work=0, next_eval=args.eval_every)
     if ckpt:
         obs = restore_checkpoint(ckpt, models, buf, envs, args)
         counters = ckpt["counters"]
-        global_step, num_updates, work, next_eval = (
-            counters[k] for k in ("global_step", "num_updates", "work", "next_eval")
-        )
-        cycle_steps, cycle_updates, history = counters["cycle_steps"], counters["cycle_updates"], counters["history"]
+    global_step, num_updates, cycle_steps, cycle_updates, work, next_eval = (counters[key] for key in COUNTERS)
+    history = counters.get("history", [])
     run_dir, writer = open_run_dir(args, ckpt)
     log(
         f"{args.env_id}: obs {obs_dim}, actions {act_dim}, M={args.trajectory_batch_size}, N={args.num_samples}, "
@@ -342,16 +343,8 @@ def main(args: Args):
     nonfinite_at = torch.full((), -1, device=device)  # the first update whose loss was NaN/Inf; read when logging
 
     def save(done=False):
-        counters = dict(
-            global_step=global_step,
-            num_updates=num_updates,
-            cycle_steps=cycle_steps,
-            work=work,
-            cycle_updates=cycle_updates,
-            next_eval=next_eval,
-            history=history,
-            done=done,
-        )
+        values = (global_step, num_updates, cycle_steps, cycle_updates, work, next_eval)
+        counters = dict(zip(COUNTERS, values, strict=True), history=history, done=done)
         save_checkpoint(run_dir, counters, models, buf, obs, envs, args, nonfinite_at)
 
     handle_stop_signals()

@@ -101,38 +101,11 @@ def run_script(*args, timeout=600):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-TINY = [
-    "--preset",
-    "table3",
-    "--behavior-updates",
-    "50",
-    "--total-updates",
-    "40",
-    "--eval-every",
-    "20",
-    "--eval-episodes",
-    "2",
-    "--log-every",
-    "10",
-    "--num-qs",
-    "2",
-    "--q-hidden",
-    "32",
-    "--q-layers",
-    "2",
-    "--batch-size",
-    "32",
-    "--num-samples",
-    "4",
-    "--delta-ns",
-    "1",
-    "4",
-    "16",
-    "--delta-support-samples",
-    "256",
-    "--delta-states",
-    "16",
-]
+TINY = (
+    "--preset table3 --behavior-updates 50 --total-updates 40 --eval-every 20 --eval-episodes 2 "
+    "--log-every 10 --num-qs 2 --q-hidden 32 --q-layers 2 --batch-size 32 --num-samples 4 --delta-ns "
+    "1 4 16 --delta-support-samples 256 --delta-states 16"
+).split()
 
 
 def make_update(data, mu, q_ensemble, q_target, q_optimizer, args, states_per_chunk=None):

@@ -14,32 +14,11 @@ from test_offline import assert_clean_failure, tensorboard_tags
 import emaq_offline as eo
 import emaq_online as eon
 
-ONLINE_TINY = [
-    "--env-id",
-    "InvertedPendulum-v5",
-    "--total-timesteps",
-    "400",
-    "--learning-starts",
-    "150",
-    "--eval-every",
-    "200",
-    "--eval-episodes",
-    "2",
-    "--behavior-preset",
-    "table3",
-    "--num-qs",
-    "2",
-    "--q-hidden",
-    "32",
-    "--q-layers",
-    "2",
-    "--num-samples",
-    "8",
-    "--batch-size",
-    "32",
-    "--log-every",
-    "50",
-]
+ONLINE_TINY = (
+    "--env-id InvertedPendulum-v5 --total-timesteps 400 --learning-starts 150 --eval-every 200 "
+    "--eval-episodes 2 --behavior-preset table3 --num-qs 2 --q-hidden 32 --q-layers 2 --num-samples 8 "
+    "--batch-size 32 --log-every 50"
+).split()
 
 
 def test_exploration_takes_the_highest_ucb_candidate_exactly():
@@ -200,7 +179,9 @@ def test_online_speed_path_compiles_the_shared_update_and_refreshes_the_bf16_cop
         save_model=True,
     )
     result = eon.main(args)
-    assert result["num_updates"] == 300 - 150 + 1 and compiled  # an update after every step from step 150 on == [{"mode": None, "dynamic": False}]
+    assert (
+        result["num_updates"] == 300 - 150 + 1 and compiled
+    )  # an update after every step from step 150 on == [{"mode": None, "dynamic": False}]
     (run_dir,) = glob.glob(os.path.join(tmp_path, "*"))
     mu_final = torch.load(os.path.join(run_dir, "mu.pt"), weights_only=True)["state_dict"]
     q_target_final = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)["q_target"]

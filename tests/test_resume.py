@@ -19,16 +19,7 @@ import emaq_offline as eo
 DATASET = ["--dataset-id", "emaq/Hopper-v5/random_2000-v0"]
 LONG = [
     *TINY,
-    "--behavior-updates",
-    "60",
-    "--total-updates",
-    "200",
-    "--checkpoint-every",
-    "10",
-    "--eval-every",
-    "50",
-    "--save-model",
-    "--delta-ns",
+    *"--behavior-updates 60 --total-updates 200 --checkpoint-every 10 --eval-every 50 --save-model --delta-ns".split(),
 ]
 
 
@@ -242,39 +233,12 @@ def test_impossible_target_memory_is_refused_up_front(tmp_path):
 
 
 # ----- online -----------------------------------------------------------------------------------------
-ONLINE = [
-    "--env-id",
-    "InvertedPendulum-v5",
-    "--total-timesteps",
-    "500",
-    "--learning-starts",
-    "100",
-    "--eval-every",
-    "250",
-    "--eval-episodes",
-    "2",
-    "--behavior-preset",
-    "table3",
-    "--num-qs",
-    "2",
-    "--q-hidden",
-    "32",
-    "--q-layers",
-    "2",
-    "--num-samples",
-    "8",
-    "--batch-size",
-    "32",
-    "--log-every",
-    "50",
-    "--checkpoint-every",
-    "40",
-    "--save-model",
-    "--trajectory-batch-size",
-    "30",
-    "--num-envs",
-    "2",
-]
+ONLINE = (
+    "--env-id InvertedPendulum-v5 --total-timesteps 500 --learning-starts 100 --eval-every 250 "
+    "--eval-episodes 2 --behavior-preset table3 --num-qs 2 --q-hidden 32 --q-layers 2 --num-samples 8 "
+    "--batch-size 32 --log-every 50 --checkpoint-every 40 --save-model --trajectory-batch-size 30 "
+    "--num-envs 2"
+).split()
 
 
 def online_final(run_dir):
@@ -439,3 +403,29 @@ def test_a_stop_signal_never_checkpoints_a_non_finite_state(tmp_path):
         "phase": "behavior",
         "step": 60,
     }
+
+
+def test_a_finished_online_run_extended_to_more_steps_equals_the_longer_run(tmp_path):
+    """emaq_online.py --resume RUN --total-timesteps 400 continues a finished 200-step run (M = 1, its buffer moved into
+    a larger one) and ends with exactly the weights and evaluations of a 400-step run."""
+    flags = (
+        "--env-id InvertedPendulum-v5 --learning-starts 100 --eval-every 100 --eval-episodes 2 "
+        "--behavior-preset table3 --num-qs 2 --q-hidden 32 --q-layers 2 --num-samples 8 --batch-size 32 "
+        "--log-every 50 --save-model"
+    ).split()
+    short = run_script("emaq_online.py", *flags, "--total-timesteps", "200", "--runs-dir", str(tmp_path / "short"))
+    assert short.returncode == 0, short.stderr[-3000:]
+    extended = run_script("emaq_online.py", "--resume", only_run(str(tmp_path / "short")), "--total-timesteps", "400")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    longer = run_script("emaq_online.py", *flags, "--total-timesteps", "400", "--runs-dir", str(tmp_path / "longer"))
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    (model_a, mu_a, summary_a), (model_b, mu_b, summary_b) = (
+        online_final(only_run(str(tmp_path / "short"))),
+        online_final(only_run(str(tmp_path / "longer"))),
+    )
+    assert [h[0] for h in summary_a["history"]] == [100, 200, 300, 400] and summary_a == summary_b
+    for part in ("q_ensemble", "q_target"):
+        for key, value in model_a[part].items():
+            torch.testing.assert_close(value, model_b[part][key], rtol=0, atol=0)
+    for key in mu_a:
+        torch.testing.assert_close(mu_a[key], mu_b[key], rtol=0, atol=0)

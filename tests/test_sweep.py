@@ -397,7 +397,7 @@ def test_grid_axes_and_mu_sharing(capsys):
     )
     mus, emaq = [r for r in runs if r.n is None], [r for r in runs if r.n is not None]
     assert len(mus) == 1 and len(emaq) == 8 and all(r.mu is mus[0] for r in emaq)
-    assert ["--total-updates", "100", "--ema", "0.99", "--q-lr", "3e-4", "--num-samples", "5"] == [
+    assert "--total-updates 100 --ema 0.99 --q-lr 3e-4 --num-samples 5".split() == [
         t
         for t in emaq[2].argv
         if t not in ("--dataset-id", "emaq/Hopper-v5/random-v0", "--seed", "1", "--behavior-updates", "0")
