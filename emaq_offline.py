@@ -94,6 +94,8 @@ class Args:
     """evaluate the test-time policy every this many updates"""
     eval_episodes: int = 10
     """episodes per evaluation, run as one vectorized environment"""
+    final_eval_episodes: int | None = None
+    """episodes of the last evaluation, the score a paper reports (e.g. 100 for a tight one); unset: --eval-episodes"""
     eval_seed: int = 0
     """seed of the evaluation episodes and of their samples from mu (the same at every evaluation)"""
     log_every: int = 1_000
@@ -271,6 +273,12 @@ def normalized(returns, ref):
     return None if ref is None else float(100 * (np.mean(returns) - ref[0]) / (ref[1] - ref[0]))
 
 
+def standard_error(returns) -> float:
+    """The standard error of the mean return over episodes: std (ddof 1) / sqrt(episodes); NaN for one episode."""
+    returns = np.asarray(returns, dtype=float)
+    return float(returns.std(ddof=1) / np.sqrt(len(returns))) if len(returns) > 1 else float("nan")
+
+
 @torch.no_grad()
 def delta_curve(mu, q_ensemble, states, ns, support_samples: int, test_lambda: float, generator=None) -> np.ndarray:
     """Delta(s, N) = max_{a in supp mu(.|s)} Q(s, a) - E_{a_1..a_N ~ mu}[max_i Q(s, a_i)] with Q = TestEnsemble,
@@ -327,7 +335,7 @@ def main(args: Args):
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
     q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
     models = dict(mu=mu, mu_optimizer=mu_optimizer, q_ensemble=q_ensemble, q_target=q_target, q_optimizer=q_optimizer)
-    run = dict(phase="behavior", step=0, history=[], mu_eval=None)  # where training stands; checkpointed
+    run = dict(phase="behavior", step=0, history=[], mu_eval=None, last_returns=None)  # checkpointed
     if ckpt:
         run = restore_checkpoint(ckpt, models, args)
     run_dir, writer = open_run_dir(args, ckpt)
@@ -414,11 +422,18 @@ def main(args: Args):
                 writer.add_scalar("charts/SPS", (step - speed_step) / (time.time() - speed_from), step)
                 speed_from, speed_step = time.time(), step
         if step % args.eval_every == 0 or is_last:
-            returns = evaluate(policy, envs, dataset.observation_space, normalize, args.eval_seed, device)
+            eval_envs = envs
+            if is_last and args.final_eval_episodes != args.eval_episodes:  # the reported score: more episodes
+                eval_envs = make_eval_envs(dataset, args.final_eval_episodes)
+            returns = evaluate(policy, eval_envs, dataset.observation_space, normalize, args.eval_seed, device)
+            if eval_envs is not envs:
+                eval_envs.close()
             score = normalized(returns, ref)
             run["history"].append([step, float(returns.mean()), score])
+            run["last_returns"] = returns.tolist()
             writer.add_scalar("eval/episodic_return", returns.mean(), step)
             writer.add_scalar("eval/episodic_return_std", returns.std(), step)
+            writer.add_scalar("eval/episodic_return_stderr", standard_error(returns), step)
             if ref:
                 writer.add_scalar(f"eval/{ref[2]}", score, step)
             progress.set_postfix(ret=f"{returns.mean():.0f}", **({"score": f"{score:.1f}"} if ref else {}))
@@ -448,12 +463,14 @@ def main(args: Args):
         dataset_id=args.dataset_id,
         mu_return=mu_return,
         mu_score=mu_score,
+        mu_return_stderr=standard_error(run["mu_eval"]["returns"]),
         score_tag=ref[2] if ref else None,
         history=run["history"],
+        last_eval=evaluation_summary(run["last_returns"], ref) if run["last_returns"] else None,
     )
     atomic_save(summary, os.path.join(run_dir, "summary.json"))
     writer.close()
-    print(one_line_summary(args.dataset_id, mu_return, mu_score, run["history"], run_dir))
+    print(one_line_summary(summary, run_dir))
     return summary
 
 
@@ -511,6 +528,8 @@ def check_args(args: Args, device) -> Args:
         if getattr(args, key) is None:
             setattr(args, key, value)
     resolve_speed_flags(args, device)
+    if args.final_eval_episodes is None:
+        args.final_eval_episodes = args.eval_episodes
     problems = [
         (args.num_samples < 1, f"--num-samples (N) must be >= 1, got {args.num_samples}"),
         (args.num_qs < 1, f"--num-qs (K) must be >= 1, got {args.num_qs}"),
@@ -521,6 +540,7 @@ def check_args(args: Args, device) -> Args:
             "--batch-size, --q-hidden, --q-layers, --eval-episodes, --eval-every and --log-every must be >= 1",
         ),
         (min(args.total_updates, args.behavior_updates) < 0, "--total-updates and --behavior-updates must be >= 0"),
+        (args.final_eval_episodes < 1, f"--final-eval-episodes must be >= 1, got {args.final_eval_episodes}"),
         (args.checkpoint_every < 1, "--checkpoint-every must be >= 1"),
         (not 0 <= args.ema < 1 or not 0 <= args.gamma <= 1, "--ema must lie in [0, 1) and --gamma in [0, 1]"),
         (
@@ -948,7 +968,9 @@ def restore_checkpoint(ckpt: dict, models: dict, args: Args) -> dict:
         if ckpt.get(key) is not None:
             module.load_state_dict(ckpt[key])
     set_rng_state(ckpt["rng"])
-    run = {key: ckpt[key] for key in ("phase", "step", "history", "mu_eval")}
+    run = {key: ckpt[key] for key in ("phase", "step", "history", "mu_eval")} | {
+        "last_returns": ckpt.get("last_returns")
+    }
     if run["phase"] == "done":
         run["phase"] = "emaq"
     return run
@@ -1020,14 +1042,34 @@ def write_delta_curve(run_dir, writer, ns, deltas: np.ndarray, num_initial: int)
     plt.close(fig)
 
 
-def one_line_summary(dataset_id, mu_return, mu_score, history, run_dir):
-    def fmt(ret, score):
-        return f"return {ret:.1f}" + (f" (score {score:.1f})" if score is not None else "")
+def evaluation_summary(returns, ref) -> dict:
+    """An evaluation with its uncertainty: episodes, mean return and score, and their standard errors."""
+    se = standard_error(returns)
+    score_se = None if ref is None else 100 * se / (ref[1] - ref[0])
+    return dict(
+        episodes=len(returns),
+        returns=list(returns),
+        return_mean=float(np.mean(returns)),
+        return_stderr=se,
+        score=normalized(returns, ref),
+        score_stderr=score_se,
+    )
 
-    text = f"{dataset_id} | mu {fmt(mu_return, mu_score)}"
-    if history:
-        best = max(history, key=lambda h: h[1])
-        text += f" | EMaQ last {fmt(*history[-1][1:])} | best {fmt(*best[1:])} at update {best[0]}"
+
+def one_line_summary(summary: dict, run_dir) -> str:
+    """mu alone, EMaQ's last evaluation (with standard errors over episodes) and its best one."""
+
+    def fmt(ret, score, se=None, score_se=None):
+        text = f"return {ret:.1f}" + (f" ± {se:.1f}" if se is not None else "")
+        if score is not None:
+            text += f" (score {score:.1f}" + (f" ± {score_se:.1f})" if score_se is not None else ")")
+        return text
+
+    text = f"{summary['dataset_id']} | mu {fmt(summary['mu_return'], summary['mu_score'], summary['mu_return_stderr'])}"
+    if summary["history"]:
+        last, best = summary["last_eval"], max(summary["history"], key=lambda h: h[1])
+        text += f" | EMaQ last {fmt(last['return_mean'], last['score'], last['return_stderr'], last['score_stderr'])}"
+        text += f" over {last['episodes']} episodes | best {fmt(*best[1:])} at update {best[0]}"
     return text + f" | {run_dir}"
 
 
