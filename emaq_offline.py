@@ -448,26 +448,14 @@ def main(args: Args):
     envs.close()
     if args.save_model:
         mu.save(os.path.join(run_dir, "mu.pt"))
-        saved = dict(
-            q_ensemble=q_ensemble.state_dict(),
-            q_target=q_target.state_dict(),
-            step=args.total_updates,
-            q_optimizer=q_optimizer.state_dict(),
-            obs_mean=obs_mean.cpu(),
-            obs_std=obs_std.cpu(),
-        )
+        saved = {key: models[key].state_dict() for key in ("q_ensemble", "q_target", "q_optimizer")}
+        saved.update(obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu(), step=args.total_updates)
         atomic_save(saved, os.path.join(run_dir, "model.pt"))
     run["phase"] = "done"
     save()
-    summary = dict(
-        dataset_id=args.dataset_id,
-        mu_return=mu_return,
-        mu_score=mu_score,
-        mu_return_stderr=standard_error(run["mu_eval"]["returns"]),
-        score_tag=ref[2] if ref else None,
-        history=run["history"],
-        last_eval=evaluation_summary(run["last_returns"], ref) if run["last_returns"] else None,
-    )
+    summary = dict(dataset_id=args.dataset_id, mu_return=mu_return, mu_score=mu_score, history=run["history"])
+    summary.update(mu_return_stderr=standard_error(run["mu_eval"]["returns"]), score_tag=ref[2] if ref else None)
+    summary["last_eval"] = evaluation_summary(run["last_returns"], ref) if run["last_returns"] else None
     atomic_save(summary, os.path.join(run_dir, "summary.json"))
     writer.close()
     print(one_line_summary(summary, run_dir))
@@ -738,17 +726,10 @@ def generate_random_dataset(dataset_id: str, env_id: str, steps: int, seed: int)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            minari.create_dataset_from_buffers(
-                dataset_id,
-                buffers,
-                env=env_id,
-                algorithm_name="uniform random policy",
-                author="emaq_offline.py",
-                author_email="none",
-                code_permalink="emaq_offline.py: generate_random_dataset",
-                **scores,
-                description=f"{steps} transitions of a uniform random policy in {env_id} (the D4RL 'random' protocol)",
-            )
+            about = dict(algorithm_name="uniform random policy", author="emaq_offline.py", author_email="none")
+            about["description"] = f"{steps} transitions of a uniform random policy in {env_id} (D4RL's protocol)"
+            about["code_permalink"] = "emaq_offline.py: generate_random_dataset"
+            minari.create_dataset_from_buffers(dataset_id, buffers, env=env_id, **about, **scores)
         for folder in staging.rglob("*"):  # the namespaces' metadata files first, then the dataset in one rename
             if folder.name == "namespace_metadata.json" and not (root / folder.relative_to(staging)).exists():
                 os.makedirs((root / folder.relative_to(staging)).parent, exist_ok=True)
@@ -1046,14 +1027,8 @@ def evaluation_summary(returns, ref) -> dict:
     """An evaluation with its uncertainty: episodes, mean return and score, and their standard errors."""
     se = standard_error(returns)
     score_se = None if ref is None else 100 * se / (ref[1] - ref[0])
-    return dict(
-        episodes=len(returns),
-        returns=list(returns),
-        return_mean=float(np.mean(returns)),
-        return_stderr=se,
-        score=normalized(returns, ref),
-        score_stderr=score_se,
-    )
+    summary = dict(episodes=len(returns), returns=list(returns), return_mean=float(np.mean(returns)), return_stderr=se)
+    return summary | dict(score=normalized(returns, ref), score_stderr=score_se)
 
 
 def one_line_summary(summary: dict, run_dir) -> str:
