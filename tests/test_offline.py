@@ -355,17 +355,24 @@ def test_bf16_update_stays_within_the_stated_tolerance_of_fp32():
 
 
 # ----- evaluation you can trust (issue #18) --------------------------------------------------------------
-def test_the_final_evaluation_has_more_episodes_and_standard_errors(tmp_path):
+def tiny_hopper_run(tmp_path, *flags):
+    """A TINY run on generated Hopper data: (the finished process, its run directory, its summary.json)."""
     runs = str(tmp_path / "runs")
-    args = ["--dataset-id", "emaq/Hopper-v5/random_2000-v0", "--runs-dir", runs, *TINY, "--final-eval-episodes", "5"]
-    result = run_script("emaq_offline.py", *args)
+    result = run_script(
+        "emaq_offline.py", "--dataset-id", "emaq/Hopper-v5/random_2000-v0", "--runs-dir", runs, *TINY, *flags
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(os.path.join(runs, "*"))
-    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    return result, run_dir, json.load(open(os.path.join(run_dir, "summary.json")))
+
+
+def test_the_final_evaluation_has_more_episodes_and_standard_errors(tmp_path):
+    result, run_dir, summary = tiny_hopper_run(tmp_path, "--final-eval-episodes", "5")
     last, returns = summary["last_eval"], np.array(summary["last_eval"]["returns"])
     assert last["episodes"] == len(returns) == 5 and last["return_mean"] == pytest.approx(summary["history"][-1][1])
     assert last["return_stderr"] == pytest.approx(returns.std(ddof=1) / np.sqrt(5))
-    ref_min, ref_max = (minari.load_dataset(args[1]).storage.metadata[k] for k in ("ref_min_score", "ref_max_score"))
+    metadata = minari.load_dataset("emaq/Hopper-v5/random_2000-v0").storage.metadata
+    ref_min, ref_max = metadata["ref_min_score"], metadata["ref_max_score"]
     assert last["score_stderr"] == pytest.approx(100 * last["return_stderr"] / (ref_max - ref_min))
     assert np.isfinite(summary["mu_return_stderr"])  # mu alone: over --eval-episodes (2)
     assert "over 5 episodes" in result.stdout and " ± " in result.stdout
@@ -375,10 +382,5 @@ def test_the_final_evaluation_has_more_episodes_and_standard_errors(tmp_path):
 def test_with_one_sample_the_test_time_policy_is_mu_itself(tmp_path):
     """The sanity anchor of EMaQ: with N = 1 Algorithm 1 acts with mu's one sample, whatever Q says. Evaluation draws
     from its own seeded generator, so every evaluation of EMaQ returns exactly mu's returns."""
-    runs = str(tmp_path / "runs")
-    args = ["--dataset-id", "emaq/Hopper-v5/random_2000-v0", "--runs-dir", runs, *TINY, "--num-samples", "1"]
-    result = run_script("emaq_offline.py", *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = glob.glob(os.path.join(runs, "*"))
-    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    _, _, summary = tiny_hopper_run(tmp_path, "--num-samples", "1")
     assert len(summary["history"]) == 2 and all(h[1] == summary["mu_return"] for h in summary["history"])
