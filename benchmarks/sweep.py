@@ -468,6 +468,17 @@ def interval_estimates(scores: np.ndarray, reps: int, seed: int = 0):
     return {"mean": point["x"][0], "iqm": point["x"][1]}, {"mean": ci["x"][:, 0], "iqm": ci["x"][:, 1]}
 
 
+def interval_columns(point: dict, ci: dict) -> dict:
+    """results.csv's IQM of the last scores and the 95% bootstrap intervals of the IQM and the mean."""
+    return {
+        "last_iqm": point["iqm"],
+        "last_iqm_ci_low": ci["iqm"][0],
+        "last_iqm_ci_high": ci["iqm"][1],
+        "last_mean_ci_low": ci["mean"][0],
+        "last_mean_ci_high": ci["mean"][1],
+    }
+
+
 def summarize(sweep_dir: str, reps: int):
     """Rows of results.csv: per (dataset, grid values, N) and, over datasets with normalized scores, per (grid, N)."""
     runs = load_runs(sweep_dir)
@@ -503,11 +514,7 @@ def summarize(sweep_dir: str, reps: int):
                 "last_std": last.std(),
                 "best_mean": best.mean(),
                 "best_std": best.std(),
-                "last_iqm": point["iqm"],
-                "last_iqm_ci_low": ci["iqm"][0],
-                "last_iqm_ci_high": ci["iqm"][1],
-                "last_mean_ci_low": ci["mean"][0],
-                "last_mean_ci_high": ci["mean"][1],
+                **interval_columns(point, ci),
                 "mu": mu_value,
                 "seed_list": " ".join(str(r["config"]["seed"]) for r in group),
                 "last_scores": " ".join(repr(float(x)) for x in last),
@@ -531,11 +538,7 @@ def summarize(sweep_dir: str, reps: int):
                 "metric": "normalized scores",
                 "updates": min(row["updates"] for row in same),
                 "last_mean": matrix.mean(),
-                "last_iqm": point["iqm"],
-                "last_iqm_ci_low": ci["iqm"][0],
-                "last_iqm_ci_high": ci["iqm"][1],
-                "last_mean_ci_low": ci["mean"][0],
-                "last_mean_ci_high": ci["mean"][1],
+                **interval_columns(point, ci),
             }
         )
     return rows, curves, len(mus)
