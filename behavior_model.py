@@ -5,7 +5,10 @@ Paper, Appendix B: a state MLP embeds s into h; for every action dimension i, ML
 replaces the raw prefix a[:i] by a linear map Lin_i(a[:i]); both are offered (`prefix_dim`).
 
 This file holds the model and nothing else: no data, no environment code. Both training scripts
-import it. Speed comes from three choices (DESIGN.md, "cost notes"):
+import it. Beside it, `VAEBehaviorModel` is the VAE that prior work used for mu (Appendix H.1), for
+the paper's comparison of the two (`--behavior-model vae`); both share one file format.
+
+The autoregressive model's speed comes from three choices (DESIGN.md, "cost notes"):
   * all D per-dimension heads are stored as stacked weights [D, in, out], so teacher-forced training
     runs every head in one batched matmul per layer (one backward pass for all dimensions);
   * the state is embedded once per state, and its contribution to every head's first layer is
@@ -266,42 +269,198 @@ class BehaviorModel(nn.Module):
         return torch.minimum(torch.maximum(actions, self.low), self.high)
 
     # ----- saving and loading --------------------------------------------------------------------
+    kind = "autoregressive"
+
+    @property
+    def floats_per_sample(self) -> int:
+        """Activations of one sampled action, in floats (the EMaQ target sizes its chunks with it)."""
+        return 4 * self.config.head_hidden + 3 * self.num_bins
+
     def save(self, path: str) -> None:
         """Write weights and constructor configuration to one file, atomically (temporary file + rename)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        try:
-            torch.save(
-                {"format": "emaq-behavior-model-v1", "config": asdict(self.config), "state_dict": self.state_dict()},
-                tmp,
-            )
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        save_model(self, path)
 
     @classmethod
     def load(
         cls, path: str, obs_dim: int | None = None, act_dim: int | None = None, map_location="cpu"
     ) -> BehaviorModel:
         """Rebuild a saved model; pass obs_dim/act_dim to refuse a model made for other shapes."""
-        try:
-            blob = torch.load(path, map_location=map_location, weights_only=True)
-            config, state = blob["config"], blob["state_dict"]
-        except FileNotFoundError:
-            raise ValueError(f"no behavior model at {path}: pass the mu.pt file that an earlier run saved") from None
-        except Exception as e:  # truncated, tampered or foreign file
-            raise ValueError(
-                f"{path} is not a readable behavior-model file ({type(e).__name__}); retrain mu or pass another file"
-            ) from None
-        saved_act = len(config["action_low"])
-        if (obs_dim is not None and obs_dim != config["obs_dim"]) or (act_dim is not None and act_dim != saved_act):
-            raise ValueError(
-                f"behavior model {path} was trained for observations of dim {config['obs_dim']} and actions of dim "
-                f"{saved_act}, but this data has observation dim {obs_dim} and action dim {act_dim}: pass a mu trained "
-                f"on this dataset, or drop the path to pretrain one"
-            )
-        model = cls(**config)
-        model.load_state_dict(state)
-        return model
+        return load_model(cls, path, obs_dim, act_dim, map_location)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The VAE of prior work (BCQ, BEAR, BRAC), for the paper's comparison (Appendix H.1, Figures 6, 8 and 9)
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class VAEConfig:
+    """Everything that builds a VAEBehaviorModel; saved beside its weights."""
+
+    obs_dim: int
+    action_low: list[float]
+    action_high: list[float]
+    hidden: int = 1024
+    layers: int = 3
+    latent_dim: int = 0  # 0: twice the action dimension (App. H.1)
+    kl_weight: float = 0.5
+    latent_clip: float = 0.5
+
+
+def _mlp(width_in: int, hidden: int, layers: int) -> nn.Sequential:
+    modules = []
+    for _ in range(layers):
+        modules += [nn.Linear(width_in, hidden), nn.ReLU()]
+        width_in = hidden
+    return nn.Sequential(*modules)
+
+
+class VAEBehaviorModel(nn.Module):
+    """mu(a|s) as a conditional VAE (App. H.1, the implementation of Wu et al. 2019 that BRAC benchmarks with):
+    encoder q(z|s,a) and decoder of `layers` hidden ReLU layers of `hidden` units, latent size 2 x action dim,
+    decoder p(a|s,z) = N(tanh(v), I), loss = reconstruction NLL + 0.5 KL. Sampling follows prior work: z from the
+    prior clipped to [-0.5, 0.5], and the decoder's mean tanh(v), not a draw from N(tanh(v), I). The model works on
+    actions mapped to [-1, 1] from the action space's bounds (the autoregressive model's [low, high] bins)."""
+
+    kind = "vae"
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_low: Sequence[float],
+        action_high: Sequence[float],
+        hidden: int = 1024,
+        layers: int = 3,
+        latent_dim: int = 0,
+        kl_weight: float = 0.5,
+        latent_clip: float = 0.5,
+    ):
+        super().__init__()
+        low = torch.as_tensor(action_low, dtype=torch.float32).flatten()
+        high = torch.as_tensor(action_high, dtype=torch.float32).flatten()
+        if (
+            low.shape != high.shape
+            or low.numel() == 0
+            or not (torch.isfinite(low).all() and torch.isfinite(high).all())
+        ):
+            raise ValueError("the VAE needs finite action bounds of one non-empty shape")
+        if not (high > low).all():
+            raise ValueError(f"every action_high must exceed action_low; got low={low.tolist()} high={high.tolist()}")
+        act_dim, latent_dim = low.numel(), latent_dim or 2 * low.numel()
+        self.config = VAEConfig(
+            int(obs_dim), low.tolist(), high.tolist(), hidden, layers, latent_dim, kl_weight, latent_clip
+        )
+        self.obs_dim, self.act_dim, self.latent_dim = int(obs_dim), act_dim, latent_dim
+        self.register_buffer("low", low)
+        self.register_buffer("high", high)
+        self.register_buffer("mid", (high + low) / 2, persistent=False)
+        self.register_buffer("half_range", (high - low) / 2, persistent=False)
+        self.encoder = nn.Sequential(_mlp(obs_dim + act_dim, hidden, layers), nn.Linear(hidden, 2 * latent_dim))
+        # The decoder's first layer is split into a state part, computed once per state, and a latent part, computed
+        # per sample (the same function as one layer on [s, z]): N samples cost one state projection, not N.
+        self.decoder_obs = nn.Linear(obs_dim, hidden)
+        self.decoder_latent = nn.Linear(latent_dim, hidden, bias=False)
+        self.decoder_hidden = _mlp(hidden, hidden, layers - 1)
+        self.decoder_out = nn.Linear(hidden, act_dim)
+
+    @property
+    def floats_per_sample(self) -> int:
+        """Activations of one sampled action, in floats (the EMaQ target sizes its chunks with it)."""
+        return 2 * self.config.hidden * self.config.layers
+
+    def decode(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """obs [B, S], z [B, N, L] -> the decoder's mean tanh(v) in [-1, 1], [B, N, A]."""
+        x = (self.decoder_obs(obs).unsqueeze(1) + self.decoder_latent(z)).relu()
+        x = self.decoder_hidden(x)
+        # The actions the Q ensemble compares leave in fp32, also under bf16 autocast (as mu's logits do).
+        w, b = self.decoder_out.weight.float(), self.decoder_out.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.tanh(F.linear(x.float(), w, b))
+
+    def _elbo_terms(self, obs, actions, generator=None):
+        """(reconstruction NLL, KL) per sample, on actions mapped to [-1, 1], with one reparameterized z."""
+        unit = (actions - self.mid) / self.half_range
+        mean, log_std = self.encoder(torch.cat([obs, unit.to(obs.dtype)], -1)).float().chunk(2, -1)
+        std = log_std.clamp(-4, 15).exp()  # BCQ's and BRAC's clamp
+        eps = torch.randn(mean.shape, device=mean.device, generator=generator)
+        recon = self.decode(obs, (mean + std * eps).unsqueeze(1)).squeeze(1)
+        nll = 0.5 * ((unit - recon) ** 2).sum(-1) + 0.5 * self.act_dim * math.log(2 * math.pi)  # N(tanh(v), I)
+        kl = (0.5 * (mean**2 + std**2) - std.log() - 0.5).sum(-1)  # KL(N(mean, std) || N(0, I))
+        return nll, kl
+
+    def loss(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of the reconstruction NLL + 0.5 KL (App. H.1), with one z per sample."""
+        nll, kl = self._elbo_terms(obs, actions)
+        return (nll + self.config.kl_weight * kl).mean()
+
+    @torch.no_grad()
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, num_z: int = 16) -> torch.Tensor:
+        """A lower bound of log mu(a|s), [B]: the ELBO (KL weight 1), averaged over `num_z` draws of z from a fixed
+        generator, minus the log of the [-1, 1] mapping's scale. Not exact: a VAE has no tractable density."""
+        generator = torch.Generator(obs.device).manual_seed(0)
+        elbo = torch.stack([-sum(self._elbo_terms(obs, actions, generator)) for _ in range(num_z)]).mean(0)
+        return elbo - torch.log(self.half_range).sum()
+
+    def sample(
+        self, obs: torch.Tensor, num_samples: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """N actions per state, [B, N, A]: the decoder's mean at z ~ N(0, I) clipped to [-0.5, 0.5] (App. H.1).
+        `temperature` scales z before the clip; 0 decodes z = 0, the VAE's deterministic policy."""
+        z = torch.randn(obs.shape[0], num_samples, self.latent_dim, device=obs.device, generator=generator)
+        z = (temperature * z).clamp(-self.config.latent_clip, self.config.latent_clip).to(obs.dtype)
+        unit = self.decode(obs, z)
+        return torch.minimum(torch.maximum(self.mid + self.half_range * unit, self.low), self.high)
+
+    def save(self, path: str) -> None:
+        """Write weights and constructor configuration to one file, atomically (temporary file + rename)."""
+        save_model(self, path)
+
+    @classmethod
+    def load(
+        cls, path: str, obs_dim: int | None = None, act_dim: int | None = None, map_location="cpu"
+    ) -> VAEBehaviorModel:
+        """Rebuild a saved model; pass obs_dim/act_dim to refuse a model made for other shapes."""
+        return load_model(cls, path, obs_dim, act_dim, map_location)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One file format for both models: weights, the constructor's configuration and the kind of model
+# ---------------------------------------------------------------------------------------------------
+def save_model(model: nn.Module, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    blob = {"format": "emaq-behavior-model-v1", "kind": model.kind, "config": asdict(model.config)}
+    try:
+        torch.save(blob | {"state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_model(cls, path: str, obs_dim: int | None, act_dim: int | None, map_location):
+    """Weights only (torch.load(weights_only=True)); a clear ValueError for a missing, foreign, other-kind or
+    other-shape file. Files saved before the VAE existed have no kind: they are autoregressive."""
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        config, state, kind = blob["config"], blob["state_dict"], blob.get("kind", "autoregressive")
+    except FileNotFoundError:
+        raise ValueError(f"no behavior model at {path}: pass the mu.pt file that an earlier run saved") from None
+    except Exception as e:  # truncated, tampered or foreign file
+        raise ValueError(
+            f"{path} is not a readable behavior-model file ({type(e).__name__}); retrain mu or pass another file"
+        ) from None
+    if kind != cls.kind:
+        raise ValueError(
+            f"{path} holds a mu of kind {kind}, but this run asks for --behavior-model {cls.kind}: pass --behavior-model "
+            f"{kind}, or a mu of kind {cls.kind}"
+        )
+    saved_act = len(config["action_low"])
+    if (obs_dim is not None and obs_dim != config["obs_dim"]) or (act_dim is not None and act_dim != saved_act):
+        raise ValueError(
+            f"behavior model {path} was trained for observations of dim {config['obs_dim']} and actions of dim "
+            f"{saved_act}, but this data has observation dim {obs_dim} and action dim {act_dim}: pass a mu trained "
+            f"on this dataset, or drop the path to pretrain one"
+        )
+    model = cls(**config)
+    model.load_state_dict(state)
+    return model

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from behavior_model import BehaviorModel, action_bounds
+from behavior_model import BehaviorModel, VAEBehaviorModel, action_bounds
 
 
 @dataclass
@@ -52,6 +52,8 @@ class Args:
     """sizes from Table 2 (mujoco) or Table 3 (kitchen/antmaze/adroit); 'auto' picks by the id's environment"""
 
     # Behavior model mu(a|s)
+    behavior_model: Literal["autoregressive", "vae"] = "autoregressive"
+    """mu: the paper's autoregressive model (App. B) or the VAE of prior work (App. H.1), to compare (Section 5.1)"""
     behavior_path: str | None = None
     """load a saved mu (mu.pt of an earlier run) instead of pretraining one; a sweep over N reuses one mu"""
     behavior_updates: int = 300_000
@@ -98,6 +100,8 @@ class Args:
     """episodes of the last evaluation, the score a paper reports (e.g. 100 for a tight one); unset: --eval-episodes"""
     eval_seed: int = 0
     """seed of the evaluation episodes and of their samples from mu (the same at every evaluation)"""
+    diagnostic_states: int = 2_000
+    """dataset states of Q's diagnostics, logged at every evaluation (diagnostics/*; README, "Medium-quality data")"""
     log_every: int = 1_000
     """move losses to the host and log them every this many updates"""
     save_model: bool = False
@@ -140,10 +144,14 @@ def flatten_obs(space: gym.Space, obs) -> np.ndarray:
     fail(f"unsupported observation space {space}: use Box or (nested) Dict of Box observations")
 
 
-def episodes_to_transitions(dataset) -> dict[str, np.ndarray]:
+def episodes_to_transitions(dataset, gamma: float) -> dict[str, np.ndarray]:
     """Every episode has T+1 observations and T actions: transition t is (o_t, a_t, r_t, o_{t+1}, terminated_t).
-    terminal is termination only: a truncated (time-limit) ending still bootstraps from o_{t+1}."""
-    parts = {key: [] for key in ("obs", "actions", "rewards", "next_obs", "terminals")}
+    terminal is termination only: a truncated (time-limit) ending still bootstraps from o_{t+1}.
+    For the diagnostics only, returns_to_go is the discounted return of the rest of the episode (the value of the
+    behavior policy, which EMaQ with N = 1 estimates); rtg_known marks where it is exact to 1%: a terminated episode,
+    or a truncated one whose missing tail weighs gamma^(steps left) < 0.01."""
+    keys = ("obs", "actions", "rewards", "next_obs", "terminals", "returns_to_go", "rtg_known")
+    parts = {key: [] for key in keys}
     for episode in dataset.iterate_episodes():
         obs = flatten_obs(dataset.observation_space, episode.observations)
         steps = len(episode.rewards)
@@ -154,6 +162,13 @@ def episodes_to_transitions(dataset) -> dict[str, np.ndarray]:
         parts["actions"].append(np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1))
         parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
         parts["terminals"].append(np.asarray(episode.terminations, dtype=np.float32))
+        returns_to_go, future = [], 0.0
+        for reward in reversed(np.asarray(episode.rewards, dtype=np.float64).tolist()):
+            future = reward + gamma * future
+            returns_to_go.append(future)
+        known = np.full(steps, True) if episode.terminations[-1] else gamma ** np.arange(steps, 0, -1) < 0.01
+        parts["returns_to_go"].append(np.asarray(returns_to_go[::-1], dtype=np.float32))
+        parts["rtg_known"].append(known.astype(np.float32))
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
@@ -243,9 +258,12 @@ def emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, a
 
 
 @torch.no_grad()
-def test_time_policy(mu, q_ensemble, obs, num_samples: int, test_lambda: float, generator=None) -> torch.Tensor:
-    """Algorithm 1: sample N actions from mu(.|s), return the argmax of TestEnsemble({Q_k(s, a_i)})."""
-    candidates = mu.sample(obs, num_samples, generator=generator)  # [B, N, A]
+def test_time_policy(
+    mu, q_ensemble, obs, num_samples: int, test_lambda: float, generator=None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Algorithm 1: sample N actions from mu(.|s), return the argmax of TestEnsemble({Q_k(s, a_i)}). The paper samples
+    mu itself (temperature 1); other temperatures are for diagnostics."""
+    candidates = mu.sample(obs, num_samples, temperature=temperature, generator=generator)  # [B, N, A]
     scores = ensemble(q_ensemble(obs, candidates), test_lambda)  # [B, N]
     return candidates[torch.arange(len(obs), device=obs.device), scores.argmax(-1)]
 
@@ -280,6 +298,35 @@ def standard_error(returns) -> float:
 
 
 @torch.no_grad()
+def q_diagnostics(mu, q_ensemble, obs, actions, returns_to_go, num_samples: int, test_lambda: float, generator=None):
+    """Does Q rank actions well enough for the argmax over N to pick better ones? On dataset states, with Q =
+    TestEnsemble (what the test-time policy maximizes):
+    - q_return_to_go_corr, q_minus_return_to_go: Q on the dataset's actions against the discounted return-to-go in
+      the data (the behavior policy's value, which EMaQ with N = 1 estimates);
+    - candidate_spread (signal) and ensemble_std (noise): the std of Q over N samples of mu at a state, and the std
+      over the K members at those samples; when the noise is as large as the signal, the argmax follows the errors;
+    - chosen_at_bounds, mu_at_bounds, data_at_bounds: the fraction of action coordinates within 2.5% of the action
+      bounds, for the chosen action, for mu's samples and for the dataset's actions."""
+    q_data = ensemble(q_ensemble(obs, actions.unsqueeze(1)), test_lambda).squeeze(-1)  # [S]
+    candidates = mu.sample(obs, num_samples, generator=generator)  # [S, N, A]
+    q_members = q_ensemble(obs, candidates)  # [K, S, N]
+    scores = ensemble(q_members, test_lambda)  # [S, N]
+    chosen = candidates[torch.arange(len(obs), device=obs.device), scores.argmax(-1)]
+    near_a_bound = {"chosen": chosen, "mu": candidates, "data": actions}
+    stats = {
+        f"{name}_at_bounds": (torch.minimum(a - mu.low, mu.high - a) <= 0.025 * (mu.high - mu.low)).float().mean()
+        for name, a in near_a_bound.items()
+    }
+    stats |= {
+        "q_return_to_go_corr": torch.corrcoef(torch.stack([q_data, returns_to_go]))[0, 1],
+        "q_minus_return_to_go": (q_data - returns_to_go).mean(),
+        "candidate_spread": scores.std(-1).mean(),
+        "ensemble_std": q_members.std(0).mean(),
+    }
+    return {key: value.item() for key, value in stats.items()}
+
+
+@torch.no_grad()
 def delta_curve(mu, q_ensemble, states, ns, support_samples: int, test_lambda: float, generator=None) -> np.ndarray:
     """Delta(s, N) = max_{a in supp mu(.|s)} Q(s, a) - E_{a_1..a_N ~ mu}[max_i Q(s, a_i)] with Q = TestEnsemble,
     [S, len(ns)] (Section 3.3, Theorem 3.5). M samples of mu(.|s) stand in for its support: the max over the support
@@ -311,7 +358,7 @@ def main(args: Args):
     # Data: the whole dataset lives on the device, observations normalized once
     dataset = load_minari_dataset(args.dataset_id, args.seed)
     low, high = dataset_action_bounds(dataset, args.dataset_id)
-    data = check_and_clip(episodes_to_transitions(dataset), low, high, args.dataset_id)
+    data = check_and_clip(episodes_to_transitions(dataset, args.gamma), low, high, args.dataset_id)
     data = {key: torch.as_tensor(value, device=device) for key, value in data.items()}
     num_transitions, obs_dim, act_dim = *data["obs"].shape, data["actions"].shape[1]
     obs_mean, obs_std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
@@ -324,12 +371,19 @@ def main(args: Args):
     perm = torch.randperm(num_transitions, generator=torch.Generator().manual_seed(args.seed)).to(device)
     num_holdout = min(int(args.behavior_holdout * num_transitions), 10_000)
     holdout_idx, train_idx = perm[:num_holdout], perm[num_holdout:]  # mu's held-out NLL
+    known = torch.nonzero(data["rtg_known"]).squeeze(1)  # the diagnostics' states: exact returns-to-go, a fixed draw
+    draw = torch.randperm(len(known), generator=torch.Generator().manual_seed(args.eval_seed))
+    diagnostic_idx = known[draw[: args.diagnostic_states].to(device)]
 
     # Models: mu, the Q ensemble and its EMA target; a checkpoint, if resuming, is restored here and only here
     if args.behavior_path:
         mu = load_behavior_model(args, obs_dim, act_dim).to(device)
     else:
-        mu = BehaviorModel.from_preset(args.preset, obs_dim, low, high).to(device)
+        mu = (
+            VAEBehaviorModel(obs_dim, low, high)
+            if args.behavior_model == "vae"
+            else BehaviorModel.from_preset(args.preset, obs_dim, low, high)
+        ).to(device)
     mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr, fused=True)
     q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
@@ -375,14 +429,19 @@ def main(args: Args):
         if heldout:
             writer.add_scalar("eval/behavior_heldout_nll", torch.cat(heldout).mean().item(), 0)
 
-        def behavior_policy(obs, generator):  # mu alone: one sample per step
-            return mu.sample(obs, 1, generator=generator)[:, 0]
+        # Behavior cloning, two ways: mu sampled (one sample per step), and mu's deterministic policy (temperature 0:
+        # the most likely bin of every dimension; for the VAE, the decoder's mean at z = 0), the usual BC column
+        run["mu_eval"] = {}
+        for name, temperature in (("", 1.0), ("greedy_", 0.0)):
 
-        mu_returns = evaluate(behavior_policy, envs, dataset.observation_space, normalize, args.eval_seed, device)
-        run["mu_eval"] = {"returns": mu_returns.tolist(), "score": normalized(mu_returns, ref)}
-        writer.add_scalar("eval/behavior_return", mu_returns.mean(), 0)
-        if ref:
-            writer.add_scalar(f"eval/behavior_{ref[2]}", run["mu_eval"]["score"], 0)
+            def behavior_policy(obs, generator, temperature=temperature):
+                return mu.sample(obs, 1, temperature=temperature, generator=generator)[:, 0]
+
+            returns = evaluate(behavior_policy, envs, dataset.observation_space, normalize, args.eval_seed, device)
+            run["mu_eval"] |= {f"{name}returns": returns.tolist(), f"{name}score": normalized(returns, ref)}
+            writer.add_scalar(f"eval/behavior_{name}return", returns.mean(), 0)
+            if ref:
+                writer.add_scalar(f"eval/behavior_{name}{ref[2]}", normalized(returns, ref), 0)
         run["phase"], run["step"] = "emaq", 0
     mu_return, mu_score = float(np.mean(run["mu_eval"]["returns"])), run["mu_eval"]["score"]
     log(f"mu alone: return {mu_return:.1f}" + (f", {ref[2]} {mu_score:.1f}" if ref else ""))
@@ -437,6 +496,17 @@ def main(args: Args):
             if ref:
                 writer.add_scalar(f"eval/{ref[2]}", score, step)
             progress.set_postfix(ret=f"{returns.mean():.0f}", **({"score": f"{score:.1f}"} if ref else {}))
+            if len(diagnostic_idx):
+                diagnostics = q_diagnostics(
+                    mu,
+                    q_ensemble,
+                    *(data[key][diagnostic_idx] for key in ("obs", "actions", "returns_to_go")),
+                    args.num_samples,
+                    args.test_ensemble_lambda,
+                    torch.Generator(device).manual_seed(args.eval_seed),
+                )
+                for key, value in diagnostics.items():
+                    writer.add_scalar(f"diagnostics/{key}", value, step)
         if step % args.checkpoint_every == 0 and not is_last:
             save()
         stop_if_requested(run, save, run_dir)
@@ -455,6 +525,10 @@ def main(args: Args):
     save()
     summary = dict(dataset_id=args.dataset_id, mu_return=mu_return, mu_score=mu_score, history=run["history"])
     summary.update(mu_return_stderr=standard_error(run["mu_eval"]["returns"]), score_tag=ref[2] if ref else None)
+    if "greedy_returns" in run["mu_eval"]:  # runs checkpointed before the greedy baseline existed lack it
+        greedy = run["mu_eval"]["greedy_returns"]
+        summary |= dict(mu_greedy_return=float(np.mean(greedy)), mu_greedy_score=run["mu_eval"]["greedy_score"])
+        summary |= dict(mu_greedy_return_stderr=standard_error(greedy))
     summary["last_eval"] = evaluation_summary(run["last_returns"], ref) if run["last_returns"] else None
     atomic_save(summary, os.path.join(run_dir, "summary.json"))
     writer.close()
@@ -574,7 +648,10 @@ def autocast(precision: str, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-MU_OUTPUT, Q_OUTPUT = ("head_out_w", "head_out_b"), ("w_out", "b_out")  # output layers: fp32 in the bf16 read copies
+MU_OUTPUT, Q_OUTPUT = (
+    ("head_out_w", "head_out_b", "decoder_out"),
+    ("w_out", "b_out"),
+)  # output layers: fp32 in the bf16 read copies
 CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU; see target_states_per_chunk
 
 
@@ -589,11 +666,11 @@ def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
     return module
 
 
-def target_states_per_chunk(args, mu: BehaviorModel, device) -> int:
+def target_states_per_chunk(args, mu, device) -> int:
     """Next states per target chunk: as many as half the free memory holds (refused up front if not one), and on a CPU
     at most CPU_TARGET_ROWS // N: [K, rows, H] activations of a few MB stay in the caches and in malloc's heap, where
     30-60 MB tensors are mapped and page-faulted afresh at every layer (README.md, "Benchmarks")."""
-    per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + 4 * mu.config.head_hidden + 3 * mu.num_bins)
+    per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + mu.floats_per_sample)
     if args.target_memory_gb:
         budget = args.target_memory_gb * 2**30
     elif device.type == "cuda":
@@ -791,10 +868,11 @@ def make_eval_envs(dataset, num_episodes: int):
             fail(f"cannot build the evaluation environment of {dataset.spec.dataset_id}: {e}")
 
 
-def load_behavior_model(args: Args, obs_dim: int, act_dim: int) -> BehaviorModel:
+def load_behavior_model(args: Args, obs_dim: int, act_dim: int):
     """A saved mu; it must have been trained on this dataset, with this observation normalization, for these shapes."""
     try:
-        mu = BehaviorModel.load(args.behavior_path, obs_dim=obs_dim, act_dim=act_dim)
+        model = VAEBehaviorModel if args.behavior_model == "vae" else BehaviorModel
+        mu = model.load(args.behavior_path, obs_dim=obs_dim, act_dim=act_dim)
     except ValueError as e:
         fail(str(e))
     meta_path = os.path.join(os.path.dirname(os.path.abspath(args.behavior_path)), "mu.json")
@@ -1041,6 +1119,9 @@ def one_line_summary(summary: dict, run_dir) -> str:
         return text
 
     text = f"{summary['dataset_id']} | mu {fmt(summary['mu_return'], summary['mu_score'], summary['mu_return_stderr'])}"
+    if "mu_greedy_return" in summary:
+        greedy = summary["mu_greedy_return"], summary["mu_greedy_score"], summary["mu_greedy_return_stderr"]
+        text += f" | mu greedy {fmt(*greedy)}"
     if summary["history"]:
         last, best = summary["last_eval"], max(summary["history"], key=lambda h: h[1])
         text += f" | EMaQ last {fmt(last['return_mean'], last['score'], last['return_stderr'], last['score_stderr'])}"
@@ -1055,7 +1136,7 @@ def evaluate_saved_run(args: Args):
         with open(os.path.join(run_dir, "config.json")) as f:
             saved = Args(**json.load(f))
         blob = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)
-        mu = BehaviorModel.load(os.path.join(run_dir, "mu.pt"))
+        mu = (VAEBehaviorModel if saved.behavior_model == "vae" else BehaviorModel).load(os.path.join(run_dir, "mu.pt"))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         fail(f"{run_dir} holds no readable saved run ({e}); train with --save-model first")
     # the model's settings come from the saved run; what to evaluate comes from this command line
@@ -1081,7 +1162,7 @@ def evaluate_saved_run(args: Args):
         + (f", {ref[2]} {score:.1f}" if ref else "")
     )
     if saved.delta_ns:
-        data_obs = normalize(torch.as_tensor(episodes_to_transitions(dataset)["obs"], device=device))
+        data_obs = normalize(torch.as_tensor(episodes_to_transitions(dataset, saved.gamma)["obs"], device=device))
         with SummaryWriter(run_dir) as writer:
             compute_delta(saved, run_dir, writer, mu, q_ensemble, envs, dataset.observation_space, normalize, data_obs)
     envs.close()

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from behavior_model import BehaviorModel, action_bounds
+from behavior_model import BehaviorModel, VAEBehaviorModel, action_bounds
 
 
 @dataclass
@@ -61,13 +61,15 @@ class Args:
     num_samples: int = 200
     """N: actions sampled from mu for exploration, the target (eq. 11) and the test-time policy"""
     temperature: float = 1.0
-    """exploration divides mu's logits by this (the paper sweeps 1, 5, 10, 20); targets and evaluation use 1"""
+    """mu's temperature in exploration (logits / T; the VAE's z * T), paper: 1, 5, 10, 20; targets and evaluation: 1"""
     ucb_beta: float = 1.0
     """beta of the exploration score mean(Q) + beta * std(Q) over the ensemble"""
 
     # EMaQ (Table 2 sizes)
+    behavior_model: Literal["autoregressive", "vae"] = "autoregressive"
+    """mu: the paper's autoregressive model (App. B) or the VAE of prior work (App. H.1), to compare (Section 5.1)"""
     behavior_preset: Literal["mujoco", "table3"] = "mujoco"
-    """mu's sizes: 'mujoco' (750x2 state MLP, heads 3x256, 40 bins) or the smaller 'table3'"""
+    """the autoregressive mu's sizes: 'mujoco' (750x2 state MLP, heads 3x256, 40 bins) or the smaller 'table3'"""
     num_qs: int = 8
     """K: Q functions in the ensemble"""
     q_hidden: int = 750
@@ -247,9 +249,12 @@ def emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, a
 
 
 @torch.no_grad()
-def test_time_policy(mu, q_ensemble, obs, num_samples: int, test_lambda: float, generator=None) -> torch.Tensor:
-    """Algorithm 1: sample N actions from mu(.|s), return the argmax of TestEnsemble({Q_k(s, a_i)})."""
-    candidates = mu.sample(obs, num_samples, generator=generator)  # [B, N, A]
+def test_time_policy(
+    mu, q_ensemble, obs, num_samples: int, test_lambda: float, generator=None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Algorithm 1: sample N actions from mu(.|s), return the argmax of TestEnsemble({Q_k(s, a_i)}). The paper samples
+    mu itself (temperature 1); other temperatures are for diagnostics."""
+    candidates = mu.sample(obs, num_samples, temperature=temperature, generator=generator)  # [B, N, A]
     scores = ensemble(q_ensemble(obs, candidates), test_lambda)  # [B, N]
     return candidates[torch.arange(len(obs), device=obs.device), scores.argmax(-1)]
 
@@ -319,7 +324,11 @@ def main(args: Args):
     buf = make_buffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
 
     # Models: mu (trained online), the Q ensemble and its EMA target; a checkpoint is restored here and only here
-    mu = BehaviorModel.from_preset(args.behavior_preset, obs_dim, low, high).to(device)
+    mu = (
+        VAEBehaviorModel(obs_dim, low, high)
+        if args.behavior_model == "vae"
+        else BehaviorModel.from_preset(args.behavior_preset, obs_dim, low, high)
+    ).to(device)
     mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr, fused=True)
     q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
@@ -528,7 +537,10 @@ def autocast(precision: str, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-MU_OUTPUT, Q_OUTPUT = ("head_out_w", "head_out_b"), ("w_out", "b_out")  # output layers: fp32 in the bf16 read copies
+MU_OUTPUT, Q_OUTPUT = (
+    ("head_out_w", "head_out_b", "decoder_out"),
+    ("w_out", "b_out"),
+)  # output layers: fp32 in the bf16 read copies
 CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU; see target_states_per_chunk
 
 
@@ -543,11 +555,11 @@ def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
     return module
 
 
-def target_states_per_chunk(args, mu: BehaviorModel, device) -> int:
+def target_states_per_chunk(args, mu, device) -> int:
     """Next states per target chunk: as many as half the free memory holds (refused up front if not one), and on a CPU
     at most CPU_TARGET_ROWS // N: [K, rows, H] activations of a few MB stay in the caches and in malloc's heap, where
     30-60 MB tensors are mapped and page-faulted afresh at every layer (README.md, "Benchmarks")."""
-    per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + 4 * mu.config.head_hidden + 3 * mu.num_bins)
+    per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + mu.floats_per_sample)
     if args.target_memory_gb:
         budget = args.target_memory_gb * 2**30
     elif device.type == "cuda":

@@ -1,4 +1,4 @@
-"""The behavior model's specification: fidelity, support, dependence, temperature, bounds, density, I/O."""
+"""The behavior models' specification: fidelity, support, dependence, temperature, bounds, density, I/O; the VAE."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from behavior_model import PRESETS, BehaviorModel, action_bounds
+from behavior_model import PRESETS, BehaviorModel, VAEBehaviorModel, action_bounds
 
 SMALL = dict(state_hidden=64, state_layers=2, embed_dim=64, head_hidden=64, head_layers=2, num_bins=40)
 
@@ -261,3 +261,95 @@ def test_presets_match_the_paper():
     assert [layer.out_features for layer in linears] == [256] * 5 and len(kitchen.head_hidden_w) == 0
     assert kitchen.lin_weight.shape == (9, 9, 128) and kitchen.head_out_w.shape == (9, 128, 80)
     assert set(PRESETS) == {"mujoco", "table3"}
+
+
+# ----- the VAE of prior work (Appendix H.1), measured with the same metrics ------------------------
+@pytest.fixture(scope="module")
+def multimodal_vae():
+    torch.manual_seed(0)
+    return train(VAEBehaviorModel(3, [-1, -1], [1, 1], hidden=128), draw_multimodal, steps=1000)
+
+
+def test_the_vae_collapses_to_the_conditional_mean_where_the_autoregressive_model_keeps_the_modes(
+    multimodal_model, multimodal_vae
+):
+    """Measured (README, "The VAE behavior model"): App. H.1's VAE (decoder N(tanh(v), I), KL weight 0.5, clipped
+    prior, decoder mean) puts its posterior on the prior (KL ~ 1e-5 nats) and samples one action per state, the mean
+    of the data's modes. In contexts 0 and 1 that mean lies between the modes: all of its mass is outside the data's
+    support, where the autoregressive model keeps less than 1% and every mode weight within 0.05."""
+    mids = MODES.mean(1)
+    for ctx in range(3):
+        obs = F.one_hot(torch.tensor([ctx]), 3).float()
+        with torch.no_grad():
+            ar, vae = multimodal_model.sample(obs, 10_000)[0], multimodal_vae.sample(obs, 10_000)[0]
+        assert (mode_of(ar) == -1).float().mean() < 0.01
+        assert vae.std(0).max() < 0.02  # one action per state, whatever z is
+        assert (vae.mean(0) - WEIGHTS[ctx] @ mids).abs().max() < 0.05  # the conditional mean of the data
+        outside = (mode_of(vae) == -1).any(1).float().mean()
+        assert outside > 0.99 if ctx < 2 else outside < 0.01  # context 2's mean falls inside the middle mode
+    obs, actions = draw_multimodal(2000, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, kl = multimodal_vae._elbo_terms(obs, actions)
+    assert kl.mean() < 1e-3
+
+
+def test_vae_sampling_decodes_a_clipped_prior_draw_and_its_mean():
+    """z ~ N(0, I) clipped to [-0.5, 0.5], then the decoder's mean (not a draw from N(tanh(v), I)), mapped to the
+    action bounds; temperature 0 decodes z = 0."""
+    torch.manual_seed(0)
+    model = VAEBehaviorModel(4, LOW, HIGH, hidden=32, layers=2)
+    assert model.latent_dim == 6 and model.config.kl_weight == 0.5 and model.config.latent_clip == 0.5
+    obs = torch.randn(8, 4)
+    z = torch.randn(8, 5, 6, generator=torch.Generator().manual_seed(1))
+    assert (z.abs() > 0.5).any()
+    low, high = torch.tensor(LOW), torch.tensor(HIGH)
+    with torch.no_grad():
+        expected = (low + high) / 2 + (high - low) / 2 * model.decode(obs, z.clamp(-0.5, 0.5))
+        samples = model.sample(obs, 5, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(samples, expected)
+        greedy = model.sample(obs, 3, temperature=0.0)
+        torch.testing.assert_close(
+            greedy, ((low + high) / 2 + (high - low) / 2 * model.decode(obs, torch.zeros(8, 3, 6)))
+        )
+        model.decoder_out.bias.fill_(50.0)  # tanh saturates: samples stay inside the bounds
+        assert torch.equal(model.sample(obs, 4), high.expand(8, 4, 3))
+
+
+def test_vae_full_size_save_load_and_kinds(tmp_path):
+    """App. H.1's sizes; one file format with the autoregressive model; a mu of the other kind is refused."""
+    vae = VAEBehaviorModel(17, [-1] * 6, [1] * 6)
+    linears = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(23, 1024), (1024, 1024), (1024, 1024), (1024, 24)]
+    assert vae.decoder_obs.out_features == 1024 and len(vae.decoder_hidden) == 4 and vae.decoder_out.out_features == 6
+    path, ar_path = str(tmp_path / "vae.pt"), str(tmp_path / "ar.pt")
+    small = VAEBehaviorModel(3, LOW, HIGH, hidden=16, layers=2)
+    small.save(path)
+    loaded = VAEBehaviorModel.load(path, obs_dim=3, act_dim=3)
+    assert loaded.config == small.config
+    obs = torch.randn(4, 3)
+    same = [m.sample(obs, 6, generator=torch.Generator().manual_seed(2)) for m in (small, loaded)]
+    assert torch.equal(*same)
+    assert torch.load(path, weights_only=True)["kind"] == "vae"
+    BehaviorModel(3, LOW, HIGH, **SMALL).save(ar_path)
+    with pytest.raises(
+        ValueError, match="holds a mu of kind vae, but this run asks for --behavior-model autoregressive"
+    ):
+        BehaviorModel.load(path)
+    with pytest.raises(ValueError, match="holds a mu of kind autoregressive.*--behavior-model vae"):
+        VAEBehaviorModel.load(ar_path)
+    with pytest.raises(ValueError, match="observation dim 17 and action dim 6"):
+        VAEBehaviorModel.load(path, obs_dim=17, act_dim=6)
+
+
+def test_vae_log_prob_is_a_fixed_elbo_in_the_actions_units():
+    """log_prob is the ELBO (KL weight 1) over a fixed set of z draws: deterministic, and a change of the action
+    bounds shifts it by the log of the scale (the density of the same point in wider units)."""
+    torch.manual_seed(0)
+    model = VAEBehaviorModel(2, [-1, -1], [1, 1], hidden=16, layers=2)
+    wide = VAEBehaviorModel(2, [-2, -2], [2, 2], hidden=16, layers=2)
+    wide.load_state_dict(model.state_dict())
+    obs, actions = torch.randn(5, 2), torch.rand(5, 2) - 0.5
+    torch.testing.assert_close(model.log_prob(obs, actions), model.log_prob(obs, actions))
+    torch.testing.assert_close(wide.log_prob(obs, 2 * actions), model.log_prob(obs, actions) - 2 * math.log(2))
+    nll, kl = model._elbo_terms(obs, actions, torch.Generator().manual_seed(0))
+    assert (kl >= 0).all() and model.log_prob(obs, actions, num_z=1).allclose(-(nll + kl))

@@ -106,6 +106,16 @@ def test_smoke_run_on_a_real_mujoco_env(tmp_path):
     assert os.path.exists(os.path.join(run_dir, "mu.pt")) and os.path.exists(os.path.join(run_dir, "model.pt"))
 
 
+def test_online_runs_with_the_vae_behavior_model(tmp_path):
+    result = run_script(
+        "emaq_online.py", *ONLINE_TINY, "--runs-dir", str(tmp_path), "--behavior-model", "vae", "--save-model"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = glob.glob(os.path.join(str(tmp_path), "*"))
+    assert torch.load(os.path.join(run_dir, "mu.pt"), weights_only=True)["kind"] == "vae"
+    assert all(np.isfinite(tensorboard_tags(run_dir)["eval/episodic_return"]))
+
+
 def test_deployment_efficient_batches_update_only_between_collections(tmp_path):
     result = run_script("emaq_online.py", *ONLINE_TINY, "--runs-dir", str(tmp_path), "--trajectory-batch-size", "100")
     assert result.returncode == 0, result.stderr[-3000:]
