@@ -231,7 +231,8 @@ class BehaviorModel(nn.Module):
     def sample(
         self, obs: torch.Tensor, num_samples: int, temperature: float = 1.0, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """N actions per state, [B, N, A] (eqs. 63-66). Logits are divided by `temperature`; 0 takes the top bin."""
+        """N actions per state, [B, N, A] (eqs. 63-66). Logits are divided by `temperature`; 0 takes the top bin's
+        center in every dimension (given the ones before it): mu's deterministic policy."""
         # On a CPU, [B*N, 256] activations outgrow the caches: sampling a few thousand rows at a time is
         # up to 2x faster at large N. A GPU prefers one large launch.
         states_per_chunk = obs.shape[0] if obs.is_cuda else max(1, self.cpu_rows_per_chunk // num_samples)
@@ -264,8 +265,9 @@ class BehaviorModel(nn.Module):
                 label = label.clamp_(max=self.num_bins - 1)
             else:
                 label = logits.argmax(-1).expand(batch, n)
-            # A point uniform inside the chosen bin (eq. 64 and 66).
-            actions[..., i] = self.low[i] + (label.to(actions.dtype) + u_label[1, :, :, i]) * self.bin_width[i]
+            # A point uniform inside the chosen bin (eq. 64 and 66); temperature 0 takes its center: deterministic.
+            inside = u_label[1, :, :, i] if temperature > 0 else 0.5
+            actions[..., i] = self.low[i] + (label.to(actions.dtype) + inside) * self.bin_width[i]
         return torch.minimum(torch.maximum(actions, self.low), self.high)
 
     # ----- saving and loading --------------------------------------------------------------------
@@ -451,8 +453,8 @@ def load_model(cls, path: str, obs_dim: int | None, act_dim: int | None, map_loc
         ) from None
     if kind != cls.kind:
         raise ValueError(
-            f"{path} holds a mu of kind {kind}, but this run asks for --behavior-model {cls.kind}: pass --behavior-model "
-            f"{kind}, or a mu of kind {cls.kind}"
+            f"{path} holds a mu of kind {kind}, but this run asks for --behavior-model {cls.kind}: pass "
+            f"--behavior-model {kind}, or a mu of kind {cls.kind}"
         )
     saved_act = len(config["action_low"])
     if (obs_dim is not None and obs_dim != config["obs_dim"]) or (act_dim is not None and act_dim != saved_act):

@@ -144,6 +144,8 @@ def test_temperature_smooths_and_sharpens(multimodal_model):
         top = multimodal_model.logits(obs.expand(2000, 3), cold).argmax(-1)
     assert (multimodal_model.labels(cold) == top).float().mean() > 0.99
     assert (multimodal_model.labels(greedy) == multimodal_model.labels(greedy[:1])).all()
+    centers = multimodal_model.low + (multimodal_model.labels(greedy) + 0.5) * multimodal_model.bin_width
+    assert torch.equal(greedy, centers.expand_as(greedy))  # deterministic: the top bins' centers, every time
 
 
 LOW, HIGH = [-0.4, 0.0, -3.0], [1.2, 2.0, -1.0]
