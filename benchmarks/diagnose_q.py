@@ -3,7 +3,9 @@
 For every run directory given, it loads mu (mu.pt), the trained Q ensemble (checkpoint.pt, or model.pt of
 --save-model) and the run's dataset, then:
 - prints Q's diagnostics on dataset states (emaq_offline.q_diagnostics: Q against the discounted return-to-go, the
-  spread of Q over mu's N samples against the ensemble's std there, how often the chosen action lies at the bounds);
+  spread of Q over mu's N samples against the ensemble's std there, how often the chosen action lies at the bounds),
+  and the selection gain: with the K members split in two halves, how much better one half finds its best of N than
+  the average candidate, and how much of that the other half confirms;
 - evaluates the test-time policy (Algorithm 1) with every test-time N and temperature asked for, on the same many
   episodes (one vectorized environment), with standard errors. N = 1 is mu itself: the sanity anchor.
 
@@ -59,6 +61,25 @@ def load_run(run_dir: str):
     return args, mu.requires_grad_(False), q_ensemble.requires_grad_(False), state.get("step")
 
 
+def selection_gain(mu, q_ensemble, obs, ns, test_lambda, generator) -> list[tuple[int, float, float, float]]:
+    """Does the argmax over N find better actions, or Q's errors? The K members are split into two halves: half A
+    picks the best of N samples of mu (TestEnsemble over A), and both halves value the pick against the mean of the N
+    candidates. (N, apparent gain under A, held-out gain under B): when the held-out gain is a small part of the
+    apparent one, the argmax mostly selects upward errors of A (the winner's curse). The last column is log mu of
+    the pick minus that of the average candidate: how far into mu's tails the pick goes."""
+    candidates = mu.sample(obs, max(ns), generator=generator)
+    values = q_ensemble(obs, candidates)  # [K, S, N]
+    half = values.shape[0] // 2
+    q_a, q_b = eo.ensemble(values[:half], test_lambda), eo.ensemble(values[half:], test_lambda)
+    log_mu = mu.log_prob(obs.repeat_interleave(max(ns), 0), candidates.flatten(0, 1)).view(len(obs), -1)
+    rows = []
+    for n in ns:
+        pick = q_a[:, :n].argmax(-1, keepdim=True)
+        gains = [(q.gather(1, pick).squeeze(1) - q[:, :n].mean(1)).mean().item() for q in (q_a, q_b, log_mu)]
+        rows.append((n, *gains))
+    return rows
+
+
 def main():
     opts = tyro.cli(Args)
     torch.set_grad_enabled(False)
@@ -87,6 +108,21 @@ def main():
         )
         print(f"\n{run_dir} (update {step}, trained with N = {args.num_samples}):")
         print("  " + ", ".join(f"{key} {value:.3f}" for key, value in diagnostics.items()))
+        gains = selection_gain(
+            mu,
+            q_ensemble,
+            normalize(obs[idx]),
+            sorted({2, 5, 10, 25, *opts.ns}),
+            args.test_ensemble_lambda,
+            torch.Generator().manual_seed(opts.eval_seed),
+        )
+        print(
+            "  selection gain (apparent under the picking half / held out under the other half; log mu of the pick"
+            " - of the average candidate), by N: ",
+            end="",
+        )
+        print(", ".join(f"N {n}: {a:.2f} / {b:.2f}; {c:.2f}" for n, a, b, c in gains))
+        diagnostics["selection_gain"] = gains
         envs, ref = eo.make_eval_envs(dataset, opts.episodes), eo.reference_scores(dataset)
         for n in opts.ns or [args.num_samples]:
             for temperature in opts.temperatures:

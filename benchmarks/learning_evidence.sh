@@ -63,3 +63,27 @@ for precision in fp32 bf16; do
   done
 done
 wait
+
+# Medium-quality data (issue #18; README, "Medium-quality data"). 1) The runs above, diagnosed and evaluated over 100
+# episodes at test-time N in {1, 2, 5, 10, 25} (N = 1 is mu itself); mu's deterministic policy is N = 1 at temperature 0.
+python benchmarks/diagnose_q.py "$RUNS"/walker_precision_*/*/ --ns 1 2 5 10 25 --episodes 100 --json "$RUNS/walker_diag_base.json"
+python benchmarks/diagnose_q.py "$(ls -d "$RUNS"/walker_precision_bf16/*/ | head -n 1)" --ns 1 5 --temperatures 0.0 0.5 \
+    --episodes 100 --json "$RUNS/walker_diag_temperature.json"
+# 2) One change at a time from the CPU configuration (seed 1, the same mu, 30k updates, final evaluation over 50
+# episodes), two runs at a time; then each diagnosed like the runs above.
+ABLATIONS=("n10 --num-samples 10" "ema098 --ema 0.98" "lr3e-4 --q-lr 3e-4" "k8 --num-qs 8"
+    "lam05 --ensemble-lambda 0.5 --test-ensemble-lambda 0.5" "noobsnorm --no-normalize-obs")
+for i in "${!ABLATIONS[@]}"; do
+  set -- ${ABLATIONS[$i]}
+  name=$1
+  shift
+  python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-path "$WALKER_MU" --behavior-updates 0 \
+      --total-updates 30000 --eval-every 10000 --eval-episodes 10 --final-eval-episodes 50 --checkpoint-every 10000 \
+      --precision bf16 --delta-ns --runs-dir "$RUNS/walker_ablation/$name" --exp-name "$name" --seed 1 "$@" &
+  if (( i % 2 == 1 )); then wait; fi
+done
+wait
+# 3) The paper's budget direction: a base run (bf16, seed 1) extended from 30k to 60k updates.
+python emaq_offline.py --resume "$(ls -d "$RUNS"/walker_precision_bf16/*/ | head -n 1)" --total-updates 60000
+python benchmarks/diagnose_q.py "$RUNS"/walker_ablation/*/*/ "$(ls -d "$RUNS"/walker_precision_bf16/*/ | head -n 1)" \
+    --ns 1 2 5 10 25 --episodes 100 --json "$RUNS/walker_diag_ablations.json"
