@@ -72,7 +72,7 @@ python benchmarks/diagnose_q.py "$(ls -d "$RUNS"/walker_precision_bf16/*/ | head
 # 2) One change at a time from the CPU configuration (seed 1, the same mu, 30k updates, final evaluation over 50
 # episodes), two runs at a time; then each diagnosed like the runs above.
 ABLATIONS=("n10 --num-samples 10" "ema098 --ema 0.98" "lr3e-4 --q-lr 3e-4" "k8 --num-qs 8"
-    "lam05 --ensemble-lambda 0.5 --test-ensemble-lambda 0.5" "noobsnorm --no-normalize-obs")
+    "lam05 --ensemble-lambda 0.5 --test-ensemble-lambda 0.5" "lr3e-4_s2 --q-lr 3e-4 --seed 2")
 for i in "${!ABLATIONS[@]}"; do
   set -- ${ABLATIONS[$i]}
   name=$1
@@ -83,7 +83,19 @@ for i in "${!ABLATIONS[@]}"; do
   if (( i % 2 == 1 )); then wait; fi
 done
 wait
-# 3) The paper's budget direction: a base run (bf16, seed 1) extended from 30k to 60k updates.
-python emaq_offline.py --resume "$(ls -d "$RUNS"/walker_precision_bf16/*/ | head -n 1)" --total-updates 60000
-python benchmarks/diagnose_q.py "$RUNS"/walker_ablation/*/*/ "$(ls -d "$RUNS"/walker_precision_bf16/*/ | head -n 1)" \
-    --ns 1 2 5 10 25 --episodes 100 --json "$RUNS/walker_diag_ablations.json"
+# Without observation normalization mu must be trained again on raw observations (a saved mu is refused).
+python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-updates 20000 --total-updates 30000 \
+    --eval-every 10000 --final-eval-episodes 50 --precision bf16 --delta-ns --runs-dir "$RUNS/walker_ablation/noobsnorm" \
+    --exp-name noobsnorm --no-normalize-obs
+python benchmarks/diagnose_q.py "$RUNS"/walker_ablation/*/*/ --ns 1 2 5 10 25 --episodes 100 \
+    --json "$RUNS/walker_diag_ablations.json"
+
+# The VAE behavior model (issue #16; README, "The VAE behavior model"): each mu once (20k updates, its sampled and
+# greedy policies over 100 episodes), then EMaQ with N = 5 over each, 10k updates, last evaluation over 50 episodes.
+for model in autoregressive vae; do
+  OMP_NUM_THREADS=2 python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-model $model \
+      --behavior-updates 20000 --total-updates 0 --eval-episodes 100 --delta-ns --runs-dir "$RUNS/walker_mu_$model"
+  python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-model $model \
+      --behavior-path "$(ls -d "$RUNS"/walker_mu_$model/*/ | head -n 1)mu.pt" --behavior-updates 0 --total-updates 10000 \
+      --eval-every 5000 --final-eval-episodes 50 --delta-ns --runs-dir "$RUNS/walker_emaq_$model"
+done
