@@ -458,11 +458,12 @@ def test_ctrl_c_stops_the_sweep_with_every_run_checkpointed(sweep, tmp_path):
         os.killpg(proc.pid, signal.SIGINT)
         try:
             assert proc.wait(timeout=300) == 130
-        finally:  # a failed wait must not leave the runs behind: they run in sessions of their own
+        except BaseException:  # a failed wait must not leave the runs behind: they run in sessions of their own
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             for pid in [pid for cell in cells for pid in emaq_pids(cell)]:
                 os.kill(pid, signal.SIGKILL)
+            raise
         out.seek(0)
         output = out.read()
     assert "stopping: of 2 runs" in output and "Launch the same command again" in output, output
