@@ -349,7 +349,8 @@ def run_on_ray(args: Args, runs: list, todo: list):
     joining = bool(args.address or os.environ.get("RAY_ADDRESS"))  # else a local Ray, just for this sweep
     local = {} if joining else dict(num_cpus=args.num_cpus, object_store_memory=100 * 1024**2)  # only small results
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False, logging_level="warning", **local)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # after ray.init, which sets its own: stop like Ctrl-C
+    for stop in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own: stop like Ctrl-C
+        signal.signal(stop, signal.default_int_handler)
     gpus = args.gpus_per_run
     if gpus is None:
         gpus = 0.25 if ray.cluster_resources().get("GPU", 0) else 0.0
@@ -688,7 +689,10 @@ if __name__ == "__main__":
     cut = argv.index("--") if "--" in argv else len(argv)  # everything after a lone -- goes to every run unchanged
     args = tyro.cli(Args, args=argv[:cut])
     args = dataclasses.replace(args, flags=" ".join([args.flags, shlex.join(argv[cut + 1 :])]).strip())
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM stops the sweep like Ctrl-C
+    # A scheduler's SIGTERM stops the sweep like Ctrl-C; so does SIGINT when a shell started the sweep in the background
+    # (such jobs inherit SIGINT ignored, and `kill -INT` must still stop it)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)
     if args.results_only:
         write_results(args.sweep_dir, args.results_dir or args.sweep_dir, args.bootstrap_reps)
         sys.exit(0)
