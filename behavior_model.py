@@ -81,6 +81,27 @@ def action_bounds(action_space) -> tuple[list[float], list[float]]:
     return low.tolist(), high.tolist()
 
 
+def register_action_bounds(model: nn.Module, action_low, action_high) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the action bounds (finite, one non-empty shape, high > low) and register them on `model` as buffers: low,
+    high, and mid / half_range, which map actions to [-1, 1] (the autoregressive heads' prefix: the paper's raw a[:i]
+    when the bounds are [-1, 1], equally well conditioned for any others; the VAE's whole action space)."""
+    low = torch.as_tensor(action_low, dtype=torch.float32).flatten()
+    high = torch.as_tensor(action_high, dtype=torch.float32).flatten()
+    if low.shape != high.shape or low.numel() == 0:
+        raise ValueError(
+            f"action_low {tuple(low.shape)} and action_high {tuple(high.shape)} must be non-empty and of one shape"
+        )
+    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+        raise ValueError("action bounds must be finite: EMaQ's behavior models need a bounded Box action space")
+    if not (high > low).all():
+        raise ValueError(f"every action_high must exceed action_low; got low={low.tolist()} high={high.tolist()}")
+    model.register_buffer("low", low)
+    model.register_buffer("high", high)
+    model.register_buffer("mid", (high + low) / 2, persistent=False)
+    model.register_buffer("half_range", (high - low) / 2, persistent=False)
+    return low, high
+
+
 def _stacked_uniform(*shape: int, fan_in: int) -> nn.Parameter:
     """nn.Linear's default initialization, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for stacked weights."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -105,18 +126,7 @@ class BehaviorModel(nn.Module):
     ):
         """prefix_dim=0 feeds the raw prefix a[:i] (App. B); prefix_dim>0 feeds Lin_i(a[:i]) of that size (App. G.3)."""
         super().__init__()
-        low = torch.as_tensor(action_low, dtype=torch.float32).flatten()
-        high = torch.as_tensor(action_high, dtype=torch.float32).flatten()
-        if low.shape != high.shape or low.numel() == 0:
-            raise ValueError(
-                f"action_low {tuple(low.shape)} and action_high {tuple(high.shape)} must be non-empty and of one shape"
-            )
-        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
-            raise ValueError(
-                "action bounds must be finite: EMaQ's behavior model discretizes a bounded Box action space"
-            )
-        if not (high > low).all():
-            raise ValueError(f"every action_high must exceed action_low; got low={low.tolist()} high={high.tolist()}")
+        low, high = register_action_bounds(self, action_low, action_high)
         if (
             min(obs_dim, state_hidden, embed_dim, head_hidden, head_layers, num_bins) < 1
             or state_layers < 0
@@ -137,13 +147,7 @@ class BehaviorModel(nn.Module):
             num_bins,
         )
         self.obs_dim, self.act_dim, self.num_bins = int(obs_dim), act_dim, num_bins
-        self.register_buffer("low", low)
-        self.register_buffer("high", high)
         self.register_buffer("bin_width", (high - low) / num_bins)
-        # Heads read the prefix mapped to [-1, 1]: the paper's raw a[:i] when the bounds are [-1, 1], and equally
-        # well-conditioned inputs for any other bounds (a linear change, so the same family of models).
-        self.register_buffer("mid", (high + low) / 2, persistent=False)
-        self.register_buffer("half_range", (high - low) / 2, persistent=False)
 
         # State MLP: `state_layers` hidden ReLU layers, then a linear embedding h (App. G).
         layers, width = [], obs_dim
@@ -336,25 +340,12 @@ class VAEBehaviorModel(nn.Module):
         latent_clip: float = 0.5,
     ):
         super().__init__()
-        low = torch.as_tensor(action_low, dtype=torch.float32).flatten()
-        high = torch.as_tensor(action_high, dtype=torch.float32).flatten()
-        if (
-            low.shape != high.shape
-            or low.numel() == 0
-            or not (torch.isfinite(low).all() and torch.isfinite(high).all())
-        ):
-            raise ValueError("the VAE needs finite action bounds of one non-empty shape")
-        if not (high > low).all():
-            raise ValueError(f"every action_high must exceed action_low; got low={low.tolist()} high={high.tolist()}")
+        low, high = register_action_bounds(self, action_low, action_high)
         act_dim, latent_dim = low.numel(), latent_dim or 2 * low.numel()
         self.config = VAEConfig(
             int(obs_dim), low.tolist(), high.tolist(), hidden, layers, latent_dim, kl_weight, latent_clip
         )
         self.obs_dim, self.act_dim, self.latent_dim = int(obs_dim), act_dim, latent_dim
-        self.register_buffer("low", low)
-        self.register_buffer("high", high)
-        self.register_buffer("mid", (high + low) / 2, persistent=False)
-        self.register_buffer("half_range", (high - low) / 2, persistent=False)
         self.encoder = nn.Sequential(_mlp(obs_dim + act_dim, hidden, layers), nn.Linear(hidden, 2 * latent_dim))
         # The decoder's first layer is split into a state part, computed once per state, and a latent part, computed
         # per sample (the same function as one layer on [s, z]): N samples cost one state projection, not N.

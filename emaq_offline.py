@@ -2,7 +2,7 @@
 
 Read top to bottom: Args, data (a Minari dataset as tensors), the Q ensemble, EMaQ (the target of eq. 11, the update
 of eq. 10, the test-time policy of Algorithm 1), evaluation, main. Run plumbing (checks, checkpoints, resume,
-signals, dataset generation, Delta's files, --evaluate-run) comes after main. Docs: README.md.
+signals, dataset generation, Delta's files, Q's diagnostics, --evaluate-run) comes after main. Docs: README.md.
 """
 
 import copy
@@ -298,35 +298,6 @@ def standard_error(returns) -> float:
 
 
 @torch.no_grad()
-def q_diagnostics(mu, q_ensemble, obs, actions, returns_to_go, num_samples: int, test_lambda: float, generator=None):
-    """Does Q rank actions well enough for the argmax over N to pick better ones? On dataset states, with Q =
-    TestEnsemble (what the test-time policy maximizes):
-    - q_return_to_go_corr, q_minus_return_to_go: Q on the dataset's actions against the discounted return-to-go in
-      the data (the behavior policy's value, which EMaQ with N = 1 estimates);
-    - candidate_spread (signal) and ensemble_std (noise): the std of Q over N samples of mu at a state, and the std
-      over the K members at those samples; when the noise is as large as the signal, the argmax follows the errors;
-    - chosen_at_bounds, mu_at_bounds, data_at_bounds: the fraction of action coordinates within 2.5% of the action
-      bounds, for the chosen action, for mu's samples and for the dataset's actions."""
-    q_data = ensemble(q_ensemble(obs, actions.unsqueeze(1)), test_lambda).squeeze(-1)  # [S]
-    candidates = mu.sample(obs, num_samples, generator=generator)  # [S, N, A]
-    q_members = q_ensemble(obs, candidates)  # [K, S, N]
-    scores = ensemble(q_members, test_lambda)  # [S, N]
-    chosen = candidates[torch.arange(len(obs), device=obs.device), scores.argmax(-1)]
-    near_a_bound = {"chosen": chosen, "mu": candidates, "data": actions}
-    stats = {
-        f"{name}_at_bounds": (torch.minimum(a - mu.low, mu.high - a) <= 0.025 * (mu.high - mu.low)).float().mean()
-        for name, a in near_a_bound.items()
-    }
-    stats |= {
-        "q_return_to_go_corr": torch.corrcoef(torch.stack([q_data, returns_to_go]))[0, 1],
-        "q_minus_return_to_go": (q_data - returns_to_go).mean(),
-        "candidate_spread": scores.std(-1).mean(),
-        "ensemble_std": q_members.std(0).mean(),
-    }
-    return {key: value.item() for key, value in stats.items()}
-
-
-@torch.no_grad()
 def delta_curve(mu, q_ensemble, states, ns, support_samples: int, test_lambda: float, generator=None) -> np.ndarray:
     """Delta(s, N) = max_{a in supp mu(.|s)} Q(s, a) - E_{a_1..a_N ~ mu}[max_i Q(s, a_i)] with Q = TestEnsemble,
     [S, len(ns)] (Section 3.3, Theorem 3.5). M samples of mu(.|s) stand in for its support: the max over the support
@@ -371,9 +342,7 @@ def main(args: Args):
     perm = torch.randperm(num_transitions, generator=torch.Generator().manual_seed(args.seed)).to(device)
     num_holdout = min(int(args.behavior_holdout * num_transitions), 10_000)
     holdout_idx, train_idx = perm[:num_holdout], perm[num_holdout:]  # mu's held-out NLL
-    known = torch.nonzero(data["rtg_known"]).squeeze(1)  # the diagnostics' states: exact returns-to-go, a fixed draw
-    draw = torch.randperm(len(known), generator=torch.Generator().manual_seed(args.eval_seed))
-    diagnostic_idx = known[draw[: args.diagnostic_states].to(device)]
+    diagnostic_idx = diagnostic_states(data, args.diagnostic_states, args.eval_seed)  # Q's diagnostics, at evaluations
 
     # Models: mu, the Q ensemble and its EMA target; a checkpoint, if resuming, is restored here and only here
     if args.behavior_path:
@@ -496,17 +465,7 @@ def main(args: Args):
             if ref:
                 writer.add_scalar(f"eval/{ref[2]}", score, step)
             progress.set_postfix(ret=f"{returns.mean():.0f}", **({"score": f"{score:.1f}"} if ref else {}))
-            if len(diagnostic_idx):
-                diagnostics = q_diagnostics(
-                    mu,
-                    q_ensemble,
-                    *(data[key][diagnostic_idx] for key in ("obs", "actions", "returns_to_go")),
-                    args.num_samples,
-                    args.test_ensemble_lambda,
-                    torch.Generator(device).manual_seed(args.eval_seed),
-                )
-                for key, value in diagnostics.items():
-                    writer.add_scalar(f"diagnostics/{key}", value, step)
+            log_q_diagnostics(writer, step, mu, q_ensemble, data, diagnostic_idx, args)
         if step % args.checkpoint_every == 0 and not is_last:
             save()
         stop_if_requested(run, save, run_dir)
@@ -538,7 +497,7 @@ def main(args: Args):
 
 # ===================================================================================================
 # Run plumbing. A reader can stop here: what follows checks flags, loads and generates datasets, makes the update
-# fast, writes checkpoints and resumes, handles signals, writes Delta's files and evaluates saved runs.
+# fast, writes checkpoints and resumes, handles signals, writes Delta's files and Q's diagnostics, evaluates saved runs.
 # ===================================================================================================
 def log(message: str):
     """Progress notes go to stderr beside the progress bars; stdout carries only the final summary line."""
@@ -1099,6 +1058,53 @@ def write_delta_curve(run_dir, writer, ns, deltas: np.ndarray, num_initial: int)
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "delta_curve.png"), dpi=120)
     plt.close(fig)
+
+
+@torch.no_grad()
+def q_diagnostics(mu, q_ensemble, obs, actions, returns_to_go, num_samples: int, test_lambda: float, generator=None):
+    """Does Q rank actions well enough for the argmax over N to pick better ones? On dataset states, with Q =
+    TestEnsemble (what the test-time policy maximizes):
+    - q_return_to_go_corr, q_minus_return_to_go: Q on the dataset's actions against the discounted return-to-go in
+      the data (the behavior policy's value, which EMaQ with N = 1 estimates);
+    - candidate_spread (signal) and ensemble_std (noise): the std of Q over N samples of mu at a state, and the std
+      over the K members at those samples; when the noise is as large as the signal, the argmax follows the errors;
+    - chosen_at_bounds, mu_at_bounds, data_at_bounds: the fraction of action coordinates within 2.5% of the action
+      bounds, for the chosen action, for mu's samples and for the dataset's actions."""
+    q_data = ensemble(q_ensemble(obs, actions.unsqueeze(1)), test_lambda).squeeze(-1)  # [S]
+    candidates = mu.sample(obs, num_samples, generator=generator)  # [S, N, A]
+    q_members = q_ensemble(obs, candidates)  # [K, S, N]
+    scores = ensemble(q_members, test_lambda)  # [S, N]
+    chosen = candidates[torch.arange(len(obs), device=obs.device), scores.argmax(-1)]
+    near_a_bound = {"chosen": chosen, "mu": candidates, "data": actions}
+    stats = {
+        f"{name}_at_bounds": (torch.minimum(a - mu.low, mu.high - a) <= 0.025 * (mu.high - mu.low)).float().mean()
+        for name, a in near_a_bound.items()
+    }
+    stats |= {
+        "q_return_to_go_corr": torch.corrcoef(torch.stack([q_data, returns_to_go]))[0, 1],
+        "q_minus_return_to_go": (q_data - returns_to_go).mean(),
+        "candidate_spread": scores.std(-1).mean(),
+        "ensemble_std": q_members.std(0).mean(),
+    }
+    return {key: value.item() for key, value in stats.items()}
+
+
+def diagnostic_states(data: dict, num_states: int, seed: int) -> torch.Tensor:
+    """A fixed draw of dataset states whose discounted return-to-go is exact (see episodes_to_transitions)."""
+    known = torch.nonzero(data["rtg_known"]).squeeze(1)
+    draw = torch.randperm(len(known), generator=torch.Generator().manual_seed(seed))
+    return known[draw[:num_states].to(known.device)]
+
+
+def log_q_diagnostics(writer, step: int, mu, q_ensemble, data: dict, idx: torch.Tensor, args: Args):
+    """diagnostics/* at an evaluation (README, "Medium-quality data"); mu's samples from a generator of their own."""
+    if not len(idx):
+        return
+    generator = torch.Generator(idx.device).manual_seed(args.eval_seed)
+    states = (data[key][idx] for key in ("obs", "actions", "returns_to_go"))
+    stats = q_diagnostics(mu, q_ensemble, *states, args.num_samples, args.test_ensemble_lambda, generator)
+    for key, value in stats.items():
+        writer.add_scalar(f"diagnostics/{key}", value, step)
 
 
 def evaluation_summary(returns, ref) -> dict:
