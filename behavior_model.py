@@ -41,6 +41,7 @@ PRESETS = {
         state_hidden=256, state_layers=4, embed_dim=256, head_hidden=128, head_layers=1, prefix_dim=128, num_bins=80
     ),
 }
+PRESETS["cpu"] = PRESETS["table3"]  # the scripts' --preset cpu (not the paper's) keeps Table 3's mu
 
 
 @dataclass
@@ -282,6 +283,19 @@ class BehaviorModel(nn.Module):
         """Activations of one sampled action, in floats (the EMaQ target sizes its chunks with it)."""
         return 4 * self.config.head_hidden + 3 * self.num_bins
 
+    def sample_flops(self, num_states: int, n: int) -> int:
+        """Matmul FLOPs of `sample(obs, n)` for `num_states` states: the state MLP and the heads' state part once per
+        state, head 0 once per state, heads 1.. once per sample (the MFU of the scripts' logs)."""
+        c, d = self.config, self.act_dim
+        widths = [self.obs_dim] + [c.state_hidden] * c.state_layers + [c.embed_dim]
+        per_state = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True)) + c.embed_dim * d * c.head_hidden
+        flops = 2 * num_states * per_state
+        for i in range(d):
+            prefix = (i * c.prefix_dim + c.prefix_dim * c.head_hidden) if c.prefix_dim else i * c.head_hidden
+            head = prefix + (c.head_layers - 1) * c.head_hidden**2 + c.head_hidden * self.num_bins
+            flops += 2 * (num_states if i == 0 else num_states * n) * head
+        return flops
+
     def save(self, path: str) -> None:
         """Write weights and constructor configuration to one file, atomically (temporary file + rename)."""
         save_model(self, path)
@@ -358,6 +372,12 @@ class VAEBehaviorModel(nn.Module):
     def floats_per_sample(self) -> int:
         """Activations of one sampled action, in floats (the EMaQ target sizes its chunks with it)."""
         return 2 * self.config.hidden * self.config.layers
+
+    def sample_flops(self, num_states: int, n: int) -> int:
+        """Matmul FLOPs of `sample(obs, n)`: the decoder's state part once per state, the rest once per sample."""
+        c = self.config
+        per_sample = c.latent_dim * c.hidden + (c.layers - 1) * c.hidden**2 + c.hidden * self.act_dim
+        return 2 * num_states * (self.obs_dim * c.hidden + n * per_sample)
 
     def decode(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """obs [B, S], z [B, N, L] -> the decoder's mean tanh(v) in [-1, 1], [B, N, A]."""

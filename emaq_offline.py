@@ -2,11 +2,14 @@
 
 Read top to bottom: Args, data (a Minari dataset as tensors), the Q ensemble, EMaQ (the target of eq. 11, the update
 of eq. 10, the test-time policy of Algorithm 1), evaluation, main. Run plumbing (checks, checkpoints, resume,
-signals, dataset generation, Delta's files, Q's diagnostics, --evaluate-run) comes after main. Docs: README.md.
+signals, dataset generation, the cost estimate and MFU, videos, Delta's files, Q's diagnostics, --evaluate-run) comes
+after main. Docs: README.md.
 """
 
 import copy
 import dataclasses
+import gc
+import io
 import json
 import os
 import random
@@ -48,40 +51,40 @@ class Args:
     """a Minari dataset id; emaq/<EnvId>/random-v0 (1M steps) or random_<steps>-v0 is generated locally on first use"""
     normalize_obs: bool = True
     """normalize observations with the dataset's mean and std (std + 1e-3), here and in the evaluation env"""
-    preset: Literal["auto", "mujoco", "table3"] = "auto"
-    """sizes from Table 2 (mujoco) or Table 3 (kitchen/antmaze/adroit); 'auto' picks by the id's environment"""
+    preset: Literal["auto", "mujoco", "table3", "cpu"] = "auto"
+    """Table 2 (mujoco), Table 3 (kitchen/antmaze/adroit) or cpu (NOT the paper's: README, CPU preset); auto: by id"""
 
     # Behavior model mu(a|s)
     behavior_model: Literal["autoregressive", "vae"] = "autoregressive"
     """mu: the paper's autoregressive model (App. B) or the VAE of prior work (App. H.1), to compare (Section 5.1)"""
     behavior_path: str | None = None
     """load a saved mu (mu.pt of an earlier run) instead of pretraining one; a sweep over N reuses one mu"""
-    behavior_updates: int = 300_000
-    """maximum-likelihood updates of mu before EMaQ training"""
+    behavior_updates: int | None = None
+    """maximum-likelihood updates of mu before EMaQ training; unset: 300,000 (20,000 under --preset cpu)"""
     behavior_lr: float = 5e-4
     """Adam learning rate of mu (Tables 2 and 3)"""
     behavior_holdout: float = 0.01
     """fraction of transitions (at most 10,000) held out of mu's training to report its held-out NLL"""
 
     # EMaQ
-    total_updates: int = 1_000_000
-    """Q-ensemble updates"""
+    total_updates: int | None = None
+    """Q-ensemble updates; unset: 1,000,000 (30,000 under --preset cpu)"""
     batch_size: int | None = None
     """minibatch size; unset: 256 (mujoco preset) or 128 (table3)"""
-    num_samples: int = 10
-    """N: actions sampled from mu for the target (eq. 11) and the test-time policy (Algorithm 1)"""
+    num_samples: int | None = None
+    """N: actions sampled from mu for the target (eq. 11) and the test-time policy (Algorithm 1); unset: 10 (cpu: 5)"""
     num_qs: int | None = None
     """K: Q functions in the ensemble; unset: 8 (mujoco) or 16 (table3)"""
     q_hidden: int | None = None
     """hidden width of every Q network; unset: 750 (mujoco) or 256 (table3)"""
     q_layers: int | None = None
     """hidden layers of every Q network; unset: 3 (mujoco) or 4 (table3)"""
-    q_lr: float = 1e-4
-    """Adam learning rate of the Q ensemble"""
+    q_lr: float | None = None
+    """Adam learning rate of the Q ensemble; unset: 1e-4 (3e-4 under --preset cpu)"""
     gamma: float = 0.99
     """discount factor"""
-    ema: float = 0.995
-    """alpha: target <- alpha * target + (1 - alpha) * online, after every update"""
+    ema: float | None = None
+    """alpha: target <- alpha * target + (1 - alpha) * online, after every update; unset: 0.995 (cpu: 0.98)"""
     ensemble_lambda: float = 1.0
     """Ensemble(values) = lambda * min + (1 - lambda) * max over the K targets (eq. 11)"""
     test_ensemble_lambda: float = 1.0
@@ -98,6 +101,8 @@ class Args:
     """episodes per evaluation, run as one vectorized environment"""
     final_eval_episodes: int | None = None
     """episodes of the last evaluation, the score a paper reports (e.g. 100 for a tight one); unset: --eval-episodes"""
+    capture_video: bool = False
+    """record the first episode of every evaluation to runs/<run>/videos/ (mp4) and to TensorBoard (eval/video)"""
     eval_seed: int = 0
     """seed of the evaluation episodes and of their samples from mu (the same at every evaluation)"""
     diagnostic_states: int = 2_000
@@ -271,16 +276,21 @@ def test_time_policy(
 # ---------------------------------------------------------------------------------------------------
 # Evaluation in the environment recovered from the dataset, vectorized over episodes
 # ---------------------------------------------------------------------------------------------------
-def evaluate(policy, envs, obs_space, normalize, seed: int, device) -> np.ndarray:
+def evaluate(policy, envs, obs_space, normalize, seed: int, device, frames: list | None = None) -> np.ndarray:
     """Undiscounted return of the first episode of every sub-environment. The policy draws from its own generator,
-    seeded like the episodes: evaluating never moves the training's random streams."""
+    seeded like the episodes: evaluating never moves the training's random streams. With a `frames` list, the first
+    sub-environment's episode is rendered into it (rendering reads the simulation, never changes it)."""
     obs, _ = envs.reset(seed=seed)
     generator = torch.Generator(device).manual_seed(seed)
     returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
+    if frames is not None:
+        frames.append(envs.unwrapped.envs[0].render())
     while not done.all():
         obs_t = normalize(torch.as_tensor(flatten_obs(obs_space, obs), device=device))
         actions = policy(obs_t, generator).cpu().numpy()
         obs, rewards, terminated, truncated, _ = envs.step(actions)
+        if frames is not None and not done[0]:
+            frames.append(envs.unwrapped.envs[0].render())
         returns += rewards * ~done
         done |= terminated | truncated
     return returns
@@ -338,7 +348,10 @@ def main(args: Args):
     normalize = lambda o: (o - obs_mean) / obs_std  # noqa: E731
     data["obs"], data["next_obs"] = normalize(data["obs"]), normalize(data["next_obs"])
     batch_keys = ("obs", "actions", "rewards", "next_obs", "terminals")
-    envs, ref = make_eval_envs(dataset, args.eval_episodes), reference_scores(dataset)
+    video = args.capture_video and not video_unavailable(
+        lambda: dataset.recover_environment(True, **VIDEO_RENDER)
+    )  # the first episode of every evaluation, as mp4
+    envs, ref = make_eval_envs(dataset, args.eval_episodes, video), reference_scores(dataset)
     perm = torch.randperm(num_transitions, generator=torch.Generator().manual_seed(args.seed)).to(device)
     num_holdout = min(int(args.behavior_holdout * num_transitions), 10_000)
     holdout_idx, train_idx = perm[:num_holdout], perm[num_holdout:]  # mu's held-out NLL
@@ -369,6 +382,15 @@ def main(args: Args):
     nonfinite_at = torch.full((), -1, device=device)  # the first update whose loss was NaN/Inf; read when logging
     save = lambda: save_checkpoint(run_dir, run, models, nonfinite_at)  # noqa: E731
     handle_stop_signals()
+    # What the run will cost, before it starts (a few timed updates on copies), and the device's peak for the MFU
+    estimate, estimated_rate = estimate_run_time(
+        args, device, run, data, mu, q_ensemble, q_target, envs, dataset.observation_space, normalize
+    )
+    log(estimate)
+    writer.add_scalar("charts/estimated_SPS", estimated_rate, run["step"])
+    flops, (peak, peak_how) = update_flops(args, mu, obs_dim, act_dim), peak_flops(device, args.precision)
+    log(f"MFU: {flops / 1e9:.2f} GFLOP per Q update, peak {peak / 1e12:.2f} TFLOP/s ({peak_how})")
+    fps = envs.unwrapped.envs[0].metadata.get("render_fps", 30)
 
     # mu(a|s): maximum likelihood on the training split (teacher forcing, all dimensions in one pass)
     if run["phase"] == "behavior" and not args.behavior_path:
@@ -406,7 +428,12 @@ def main(args: Args):
             def behavior_policy(obs, generator, temperature=temperature):
                 return mu.sample(obs, 1, temperature=temperature, generator=generator)[:, 0]
 
-            returns = evaluate(behavior_policy, envs, dataset.observation_space, normalize, args.eval_seed, device)
+            frames = [] if video and not name else None
+            returns = evaluate(
+                behavior_policy, envs, dataset.observation_space, normalize, args.eval_seed, device, frames
+            )
+            if frames:
+                write_video(run_dir, writer, "mu_sampled", frames, fps, 0)
             run["mu_eval"] |= {f"{name}returns": returns.tolist(), f"{name}score": normalized(returns, ref)}
             writer.add_scalar(f"eval/behavior_{name}return", returns.mean(), 0)
             if ref:
@@ -433,7 +460,7 @@ def main(args: Args):
 
     progress = progress_bar("EMaQ", run["step"], args.total_updates)
     # updates/s are measured from 10 updates in (a burn-in), so compiling does not count as training speed
-    burn_in_end, speed_from, speed_step = run["step"] + 10, None, None
+    burn_in_end, speed_from, speed_step, postfix = run["step"] + 10, None, None, {}
     for step in progress:
         metrics = update()
         finite = torch.isfinite(metrics["qf_loss"]) & torch.isfinite(metrics["qf_values"])
@@ -447,13 +474,20 @@ def main(args: Args):
             for key, value in metrics.items():
                 writer.add_scalar(f"losses/{key}", value.item(), step)
             if speed_from is not None and step > speed_step:
-                writer.add_scalar("charts/SPS", (step - speed_step) / (time.time() - speed_from), step)
+                sps = (step - speed_step) / (time.time() - speed_from)
+                writer.add_scalar("charts/SPS", sps, step)
+                writer.add_scalar("charts/mfu", 100 * sps * flops / peak, step)  # percent of the measured peak
+                postfix["mfu"] = f"{100 * sps * flops / peak:.2g}%"
+                progress.set_postfix(postfix)
                 speed_from, speed_step = time.time(), step
         if step % args.eval_every == 0 or is_last:
             eval_envs = envs
             if is_last and args.final_eval_episodes != args.eval_episodes:  # the reported score: more episodes
-                eval_envs = make_eval_envs(dataset, args.final_eval_episodes)
-            returns = evaluate(policy, eval_envs, dataset.observation_space, normalize, args.eval_seed, device)
+                eval_envs = make_eval_envs(dataset, args.final_eval_episodes, video)
+            frames = [] if video else None
+            returns = evaluate(policy, eval_envs, dataset.observation_space, normalize, args.eval_seed, device, frames)
+            if frames:
+                write_video(run_dir, writer, f"update_{step:07d}", frames, fps, step)
             if eval_envs is not envs:
                 eval_envs.close()
             score = normalized(returns, ref)
@@ -464,8 +498,11 @@ def main(args: Args):
             writer.add_scalar("eval/episodic_return_stderr", standard_error(returns), step)
             if ref:
                 writer.add_scalar(f"eval/{ref[2]}", score, step)
-            progress.set_postfix(ret=f"{returns.mean():.0f}", **({"score": f"{score:.1f}"} if ref else {}))
+            postfix.update(ret=f"{returns.mean():.0f}", **({"score": f"{score:.1f}"} if ref else {}))
+            progress.set_postfix(postfix)
             log_q_diagnostics(writer, step, mu, q_ensemble, data, diagnostic_idx, args)
+            if speed_from is not None:  # updates/s count updates only, never the evaluations between them
+                speed_from, speed_step = time.time(), step
         if step % args.checkpoint_every == 0 and not is_last:
             save()
         stop_if_requested(run, save, run_dir)
@@ -497,7 +534,8 @@ def main(args: Args):
 
 # ===================================================================================================
 # Run plumbing. A reader can stop here: what follows checks flags, loads and generates datasets, makes the update
-# fast, writes checkpoints and resumes, handles signals, writes Delta's files and Q's diagnostics, evaluates saved runs.
+# fast, estimates a run's cost and its MFU, records videos, writes checkpoints and resumes, handles signals, writes
+# Delta's files and Q's diagnostics, evaluates saved runs.
 # ===================================================================================================
 def log(message: str):
     """Progress notes go to stderr beside the progress bars; stdout carries only the final summary line."""
@@ -522,11 +560,15 @@ def fail(message: str):
     sys.exit(2)
 
 
-# Table 2 (MuJoCo) and Table 3 (kitchen, antmaze, adroit).
+# Table 2 (MuJoCo) and Table 3 (kitchen, antmaze, adroit); "cpu" is not the paper's: Table 3's mu, a small ensemble,
+# and the settings that scored best in a grid at a 30k-update budget (README, "The CPU preset").
 PRESETS = {
     "mujoco": dict(batch_size=256, num_qs=8, q_hidden=750, q_layers=3),
     "table3": dict(batch_size=128, num_qs=16, q_hidden=256, q_layers=4),
+    "cpu": dict(batch_size=256, num_qs=4, q_hidden=256, q_layers=3),
 }
+PAPER = dict(num_samples=10, q_lr=1e-4, ema=0.995, behavior_updates=300_000, total_updates=1_000_000)  # Table 2
+CPU_PRESET = dict(num_samples=5, q_lr=3e-4, ema=0.98, behavior_updates=20_000, total_updates=30_000)
 TABLE3_ENVS = ("kitchen", "antmaze", "door", "hammer", "pen", "relocate")  # Minari's D4RL names of Table 3's domains
 
 
@@ -546,6 +588,9 @@ def check_args(args: Args, device) -> Args:
     if args.preset == "auto":
         args.preset = preset_for(args.dataset_id)
     for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key, value in (CPU_PRESET if args.preset == "cpu" else PAPER).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     resolve_speed_flags(args, device)
@@ -671,6 +716,189 @@ def compile_update(update, args):
             return update(*batches)
 
     return compiled_update
+
+
+# ----- what a run costs: the estimate before it starts, the model FLOP utilization while it runs ----------
+def update_flops(args, mu, obs_dim: int, act_dim: int) -> int:
+    """Matmul FLOPs of one EMaQ update, counted as benchmarks/bench_update.py counts them: mu's N samples for B next
+    states, the K target networks on B x N pairs (their state part once per state), and the K online networks'
+    forward and backward (3 x forward) on B pairs."""
+    b, n, k, h = args.batch_size, args.num_samples, args.num_qs, args.q_hidden
+    hidden = (args.q_layers - 1) * h * h + h
+    target = 2 * k * (b * obs_dim * h + b * n * (act_dim * h + hidden))
+    online = 3 * 2 * k * b * ((obs_dim + act_dim) * h + hidden)
+    return mu.sample_flops(b, n) + target + online
+
+
+def peak_flops(device, precision: str) -> tuple[float, str]:
+    """The device's dense matmul rate in the run's precision, measured once with a short matmul (nanoGPT takes the
+    card's datasheet number instead; a measurement also holds for CPUs and shared machines). (FLOP/s, how)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    size = 8192 if device.type == "cuda" else 1024
+    generator = torch.Generator(device).manual_seed(0)  # its own: the run's random streams never move
+    a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator) for _ in range(2))
+    seconds, reps = 0.0, 0
+    for rep in range(1000):  # one warm-up, then at least 0.2 s of products
+        if rep == 1:
+            synchronize(device)
+            start = time.perf_counter()
+        a @ b
+        if rep >= 1:
+            reps += 1
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            if seconds > 0.2:
+                break
+    return 2 * size**3 * reps / seconds, f"measured: {size}x{size} {str(dtype).split('.')[-1]} matmul"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_rate(step, device, min_steps: int = 3, min_seconds: float = 0.5, max_steps: int = 50) -> float:
+    """Steps per second of `step()`, after one warm-up call."""
+    step()
+    synchronize(device)
+    start, steps = time.perf_counter(), 0
+    while steps < min_steps or (time.perf_counter() - start < min_seconds and steps < max_steps):
+        step()
+        steps += 1
+        synchronize(device)
+    return steps / (time.perf_counter() - start)
+
+
+def human_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def estimate_run_time(args, device, run: dict, data: dict, mu, q_ensemble, q_target, envs, obs_space, normalize):
+    """Time a few updates of mu and of EMaQ and a few evaluation steps, on copies of the models and with the random
+    streams restored afterwards (the run computes exactly what it would without this), and return one line with the
+    expected wall time of what is left, and the rates."""
+    fmt = human_duration
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        obs, actions = data["obs"][: args.batch_size], data["actions"][: args.batch_size]
+        mu_copy = copy.deepcopy(mu).train().requires_grad_(True)
+        mu_optimizer = torch.optim.Adam(mu_copy.parameters(), lr=args.behavior_lr)
+
+        def mu_step():
+            with autocast(args.precision, device):
+                loss = mu_copy.loss(obs, actions)
+            mu_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            mu_optimizer.step()
+
+        mu_copy.eval().requires_grad_(False)
+        q_copy, q_target_copy = copy.deepcopy(q_ensemble), copy.deepcopy(q_target)
+        q_optimizer = torch.optim.Adam(q_copy.parameters(), lr=args.q_lr)
+        target_mu, target_q = mu_copy, q_target_copy
+        if args.precision == "bf16":
+            target_mu, target_q = bf16_copy(mu_copy, MU_OUTPUT), bf16_copy(q_target_copy, Q_OUTPUT)
+        chunk = target_states_per_chunk(args, mu_copy, device)
+        batch = [data[key][: args.batch_size] for key in ("obs", "actions", "rewards", "next_obs", "terminals")]
+        emaq_rate = timed_rate(
+            lambda: emaq_update(batch, target_mu, target_q, q_copy, q_target_copy, q_optimizer, args, chunk), device
+        )
+        eval_obs = normalize(torch.as_tensor(flatten_obs(obs_space, envs.reset(seed=args.eval_seed)[0]), device=device))
+        eval_actions = test_time_policy(mu_copy, q_copy, eval_obs, args.num_samples, args.test_ensemble_lambda)
+        eval_rate = timed_rate(
+            lambda: (
+                test_time_policy(mu_copy, q_copy, eval_obs, args.num_samples, args.test_ensemble_lambda).cpu(),
+                envs.step(eval_actions.cpu().numpy()),
+            ),
+            device,
+        )
+        mu_copy.train().requires_grad_(True)
+        mu_rate = timed_rate(mu_step, device) if run["phase"] == "behavior" and not args.behavior_path else None
+    mu_left = args.behavior_updates - run["step"] if mu_rate else 0
+    emaq_left = args.total_updates - (run["step"] if run["phase"] == "emaq" else 0)
+    evaluations = emaq_left // args.eval_every + 1 + (2 if mu_rate else 0)  # mu sampled and greedy, before EMaQ
+    spec = envs.unwrapped.envs[0].spec
+    eval_seconds = evaluations * spec.max_episode_steps / eval_rate if spec and spec.max_episode_steps else 0
+    total = (mu_left / mu_rate if mu_rate else 0) + emaq_left / emaq_rate + eval_seconds
+    line = f"estimate on {device.type} ({args.precision}"
+    line += ", measured eagerly: compiled updates are faster)" if args.compile == "on" else ")"
+    if mu_rate:
+        line += f": mu {mu_left:,} updates {fmt(mu_left / mu_rate)} ({mu_rate:.1f} upd/s),"
+    line += f" EMaQ {emaq_left:,} updates {fmt(emaq_left / emaq_rate)} ({emaq_rate:.1f} upd/s),"
+    line += f" {evaluations} evaluations up to {fmt(eval_seconds)} ({100 * eval_seconds / total:.0f}%): {fmt(total)}"
+    if device.type == "cpu" and total > 3 * 3600 and args.preset != "cpu":
+        line += "; on a CPU try --preset cpu (not the paper's configuration: README, 'The CPU preset')"
+    return line, emaq_rate
+
+
+# ----- videos of evaluation episodes (--capture-video) -------------------------------------------------
+VIDEO_RENDER = dict(render_mode="rgb_array", width=320, height=240)  # mp4 encoders want multiples of 16
+
+
+def video_unavailable(make_render_env) -> bool:
+    """Whether the evaluation environment cannot render offscreen here; if so, say why in one line (the run goes on
+    without videos). Without a display, MuJoCo renders with EGL (a GPU's, or Mesa's software renderer on a CPU),
+    unless MUJOCO_GL says otherwise."""
+    problem = video_renderer_problem(make_render_env)
+    if problem:
+        log(
+            f"note: --capture-video: no videos, the environment cannot render here ({problem}); MUJOCO_GL=egl needs "
+            "libEGL (a GPU's driver or Mesa), MUJOCO_GL=osmesa needs libOSMesa; the run goes on without videos"
+        )
+    return problem is not None
+
+
+def video_renderer_problem(make_render_env) -> str | None:
+    """None if the evaluation environment renders offscreen here, else why not, in a few words."""
+    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        os.environ["MUJOCO_GL"] = "egl"
+    env, problem = None, None
+    # a renderer that fails half-way complains when its objects are freed: keep those complaints quiet here
+    hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None
+    try:
+        import imageio.v2  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            env = make_render_env()
+            env.reset(seed=0)
+            frame = env.render()
+        if frame is None or frame.shape[:2] != (VIDEO_RENDER["height"], VIDEO_RENDER["width"]):
+            problem = "its render() returned no frame of the asked size"
+    except Exception as e:
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no message'}"
+    try:
+        if env is not None:
+            env.close()
+    except Exception:
+        pass
+    env = None
+    gc.collect()
+    sys.unraisablehook = hook
+    return problem
+
+
+def write_video(run_dir, writer, name: str, frames: list, fps: float, step: int):
+    """The frames as runs/<run>/videos/<name>.mp4, and as a small animated GIF in TensorBoard (eval/video): at most
+    100 frames at half size, so that a long run's event file stays small."""
+    import imageio.v2 as imageio
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
+    path = os.path.join(run_dir, "videos", f"{name}.mp4")
+    imageio.mimwrite(path + ".tmp.mp4", frames, fps=fps, macro_block_size=16)
+    os.replace(path + ".tmp.mp4", path)
+    stride = max(1, -(-len(frames) // 100))
+    small = [Image.fromarray(f).reduce(2) for f in frames[::stride]]
+    gif = io.BytesIO()
+    small[0].save(gif, format="GIF", save_all=True, append_images=small[1:], duration=1000 * stride / fps, loop=0)
+    image = Summary.Image(
+        height=small[0].height, width=small[0].width, colorspace=3, encoded_image_string=gif.getvalue()
+    )
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), step)
 
 
 # ----- datasets: load, download, generate ------------------------------------------------------------
@@ -816,12 +1044,17 @@ def reference_scores(dataset):
     return None
 
 
-def make_eval_envs(dataset, num_episodes: int):
+def make_eval_envs(dataset, num_episodes: int, video: bool = False):
+    """`num_episodes` evaluation environments in one vector env; with `video`, the first renders its frames."""
+    render = VIDEO_RENDER if video else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return gym.vector.SyncVectorEnv(
-                [lambda: dataset.recover_environment(eval_env=True) for _ in range(num_episodes)]
+                [
+                    lambda i=i: dataset.recover_environment(eval_env=True, **(render if i == 0 else {}))
+                    for i in range(num_episodes)
+                ]
             )
         except Exception as e:
             fail(f"cannot build the evaluation environment of {dataset.spec.dataset_id}: {e}")

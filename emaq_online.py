@@ -9,6 +9,8 @@ the Q ensemble, EMaQ, exploration, evaluation, main; run plumbing comes after ma
 
 import copy
 import dataclasses
+import gc
+import io
 import json
 import os
 import random
@@ -100,6 +102,8 @@ class Args:
     """evaluate the test-time policy every this many environment steps"""
     eval_episodes: int = 10
     """episodes per evaluation, run as one vectorized environment"""
+    capture_video: bool = False
+    """record the first episode of every evaluation to runs/<run>/videos/ (mp4) and to TensorBoard (eval/video)"""
     eval_seed: int = 0
     """seed of the evaluation episodes and of their samples from mu (the same at every evaluation)"""
     log_every: int = 1_000
@@ -276,16 +280,21 @@ def explore(mu, q_ensemble, obs, args: Args) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # Evaluation (the same code as emaq_offline.py's; observations are not normalized online)
 # ---------------------------------------------------------------------------------------------------
-def evaluate(policy, envs, obs_space, normalize, seed: int, device) -> np.ndarray:
+def evaluate(policy, envs, obs_space, normalize, seed: int, device, frames: list | None = None) -> np.ndarray:
     """Undiscounted return of the first episode of every sub-environment. The policy draws from its own generator,
-    seeded like the episodes: evaluating never moves the training's random streams."""
+    seeded like the episodes: evaluating never moves the training's random streams. With a `frames` list, the first
+    sub-environment's episode is rendered into it (rendering reads the simulation, never changes it)."""
     obs, _ = envs.reset(seed=seed)
     generator = torch.Generator(device).manual_seed(seed)
     returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
+    if frames is not None:
+        frames.append(envs.unwrapped.envs[0].render())
     while not done.all():
         obs_t = normalize(torch.as_tensor(flatten_obs(obs_space, obs), device=device))
         actions = policy(obs_t, generator).cpu().numpy()
         obs, rewards, terminated, truncated, _ = envs.step(actions)
+        if frames is not None and not done[0]:
+            frames.append(envs.unwrapped.envs[0].render())
         returns += rewards * ~done
         done |= terminated | truncated
     return returns
@@ -318,7 +327,8 @@ def main(args: Args):
     # Environments and the replay buffer
     envs = make_envs(args.env_id, args.num_envs, args.seed)
     envs.action_space.seed(args.seed)
-    eval_envs = make_envs(args.env_id, args.eval_episodes, args.eval_seed)
+    video = args.capture_video and not video_unavailable(lambda: gym.make(args.env_id, **VIDEO_RENDER))
+    eval_envs = make_envs(args.env_id, args.eval_episodes, args.eval_seed, video)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = action_bounds(envs.single_action_space)
     buf = make_buffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
@@ -357,6 +367,11 @@ def main(args: Args):
         save_checkpoint(run_dir, counters, models, buf, obs, envs, args, nonfinite_at)
 
     handle_stop_signals()
+    estimate, estimated_rate = estimate_online_run_time(args, device, global_step, mu, q_ensemble, q_target, eval_envs)
+    log(estimate)
+    writer.add_scalar("charts/estimated_SPS", estimated_rate, global_step)
+    flops, (peak, peak_how) = update_flops(args, mu, obs_dim, act_dim), peak_flops(device, args.precision)
+    log(f"MFU: {flops / 1e9:.2f} GFLOP per Q update (not mu's step), peak {peak / 1e12:.2f} TFLOP/s ({peak_how})")
 
     # One update: a maximum-likelihood step of mu, then eq. 10 for the Q ensemble, on two replay batches
     target_mu, target_q = mu, q_target  # in bf16, the target reads bf16 copies (refreshed after every step)
@@ -383,7 +398,7 @@ def main(args: Args):
         return test_time_policy(mu, q_ensemble, obs, args.num_samples, args.test_ensemble_lambda, generator)
 
     progress = tqdm(total=args.total_timesteps, initial=global_step, desc="env steps", unit="step", mininterval=1.0)
-    burn_in_end, speed_from, speed_step = global_step + 10, None, None  # steps/s after a burn-in (compiling)
+    burn_in_end, speed_from, speed_step, postfix = global_step + 10, None, None, {}  # steps/s after a burn-in
     while global_step < args.total_timesteps or cycle_steps > 0:
         # Collect M environment steps with the current policy, frozen while it collects
         while cycle_steps < args.trajectory_batch_size and global_step < args.total_timesteps:
@@ -399,15 +414,20 @@ def main(args: Args):
             global_step, cycle_steps, work = global_step + int(real.sum()), cycle_steps + int(real.sum()), work + 1
             progress.update(int(real.sum()))
             if global_step >= burn_in_end and speed_from is None:
-                speed_from, speed_step = time.time(), global_step
+                speed_from, speed_step, speed_updates = time.time(), global_step, num_updates
             if global_step >= next_eval:
+                frames = [] if video else None
                 returns = evaluate(
-                    policy, eval_envs, eval_envs.single_observation_space, lambda o: o, args.eval_seed, device
+                    policy, eval_envs, eval_envs.single_observation_space, lambda o: o, args.eval_seed, device, frames
                 )
+                if frames:
+                    fps = eval_envs.unwrapped.envs[0].metadata.get("render_fps", 30)
+                    write_video(run_dir, writer, f"step_{global_step:08d}", frames, fps, global_step)
                 history.append([global_step, float(returns.mean())])
                 writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
                 writer.add_scalar("eval/episodic_return_std", returns.std(), global_step)
-                progress.set_postfix(ret=f"{returns.mean():.0f}")
+                postfix["ret"] = f"{returns.mean():.0f}"
+                progress.set_postfix(postfix)
                 next_eval += args.eval_every
             if work % args.checkpoint_every == 0:
                 save()
@@ -425,9 +445,12 @@ def main(args: Args):
                 for key, value in metrics.items():
                     writer.add_scalar(f"losses/{key}", value.item(), global_step)
                 if speed_from is not None and global_step > speed_step:
-                    writer.add_scalar(
-                        "charts/SPS", (global_step - speed_step) / (time.time() - speed_from), global_step
-                    )
+                    seconds = time.time() - speed_from
+                    writer.add_scalar("charts/SPS", (global_step - speed_step) / seconds, global_step)
+                    mfu = 100 * (num_updates - speed_updates) / seconds * flops / peak  # percent of the measured peak
+                    writer.add_scalar("charts/mfu", mfu, global_step)
+                    postfix["mfu"] = f"{mfu:.2g}%"
+                    progress.set_postfix(postfix)
             if work % args.checkpoint_every == 0:
                 save()
             stop_if_requested(save, global_step, num_updates, run_dir)
@@ -458,7 +481,8 @@ def main(args: Args):
 
 # ===================================================================================================
 # Run plumbing. A reader can stop here: what follows checks flags, makes the update fast, builds the environments,
-# hands the buffer to offline training, writes checkpoints and resumes, and handles signals.
+# measures the MFU, records videos, hands the buffer to offline training, writes checkpoints and resumes, and handles
+# signals.
 # ===================================================================================================
 def log(message: str):
     """Progress notes go to stderr beside the progress bars; stdout carries only the final summary line."""
@@ -603,13 +627,196 @@ def compile_update(update, args):
     return compiled_update
 
 
+# ----- what a run costs: the estimate before it starts, the MFU of the Q update (charts/mfu) -----------
+def estimate_online_run_time(args, device, global_step: int, mu, q_ensemble, q_target, eval_envs) -> tuple[str, float]:
+    """Time a few updates (mu's step and the Q update), exploration and evaluation steps, on copies of the models and
+    random batches of the right shapes, with the random streams restored afterwards (the training environments are
+    not stepped), and return one line with the expected wall time of what is left, and the update rate."""
+    fmt = human_duration
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        obs_dim, act_dim = mu.obs_dim, mu.act_dim
+        mu_copy, q_copy, q_target_copy = copy.deepcopy(mu), copy.deepcopy(q_ensemble), copy.deepcopy(q_target)
+        mu_optimizer = torch.optim.Adam(mu_copy.parameters(), lr=args.behavior_lr)
+        q_optimizer = torch.optim.Adam(q_copy.parameters(), lr=args.q_lr)
+        target_mu, target_q = mu_copy, q_target_copy
+        if args.precision == "bf16":
+            target_mu, target_q = bf16_copy(mu_copy, MU_OUTPUT), bf16_copy(q_target_copy, Q_OUTPUT)
+        chunk = target_states_per_chunk(args, mu_copy, device)
+        b = args.batch_size
+        actions = mu.low + (mu.high - mu.low) * torch.rand(b, act_dim, device=device)
+        batch = [torch.randn(b, obs_dim, device=device), actions, torch.zeros(b, device=device)]
+        batch += [torch.randn(b, obs_dim, device=device), torch.zeros(b, device=device)]
+
+        def update():
+            with autocast(args.precision, device):
+                nll = mu_copy.loss(batch[0], batch[1])
+            mu_optimizer.zero_grad(set_to_none=True)
+            nll.backward()
+            mu_optimizer.step()
+            emaq_update(batch, target_mu, target_q, q_copy, q_target_copy, q_optimizer, args, chunk)
+
+        update_rate = timed_rate(update, device)
+        explore_obs = torch.randn(args.num_envs, obs_dim, device=device)
+        explore_rate = timed_rate(lambda: explore(mu_copy, q_copy, explore_obs, args).cpu(), device)
+        eval_obs = torch.as_tensor(eval_envs.reset(seed=args.eval_seed)[0], dtype=torch.float32, device=device)
+        eval_action = test_time_policy(mu_copy, q_copy, eval_obs, args.num_samples, args.test_ensemble_lambda)
+        eval_rate = timed_rate(
+            lambda: (
+                test_time_policy(mu_copy, q_copy, eval_obs, args.num_samples, args.test_ensemble_lambda).cpu(),
+                eval_envs.step(eval_action.cpu().numpy()),
+            ),
+            device,
+        )
+    steps_left = args.total_timesteps - global_step
+    learning_steps = max(0, min(steps_left, args.total_timesteps - max(args.learning_starts, args.batch_size)))
+    update_seconds = learning_steps / update_rate  # one update per collected step
+    explore_seconds = learning_steps / args.num_envs / explore_rate
+    evaluations = steps_left // args.eval_every
+    spec = eval_envs.unwrapped.envs[0].spec
+    eval_seconds = evaluations * spec.max_episode_steps / eval_rate if spec and spec.max_episode_steps else 0
+    total = update_seconds + explore_seconds + eval_seconds
+    line = f"estimate on {device.type} ({args.precision}"
+    line += ", measured eagerly: compiled updates are faster)" if args.compile == "on" else ")"
+    line += f": {learning_steps:,} updates {fmt(update_seconds)} ({update_rate:.1f} upd/s), exploration"
+    line += f" {fmt(explore_seconds)} (N = {args.num_samples}), {evaluations} evaluations up to {fmt(eval_seconds)}"
+    line += f" ({100 * eval_seconds / max(total, 1e-9):.0f}%): {fmt(total)}, environment steps not counted"
+    return line, update_rate
+
+
+def timed_rate(step, device, min_steps: int = 3, min_seconds: float = 0.5, max_steps: int = 50) -> float:
+    """Steps per second of `step()`, after one warm-up call."""
+    step()
+    synchronize(device)
+    start, steps = time.perf_counter(), 0
+    while steps < min_steps or (time.perf_counter() - start < min_seconds and steps < max_steps):
+        step()
+        steps += 1
+        synchronize(device)
+    return steps / (time.perf_counter() - start)
+
+
+def human_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def update_flops(args, mu, obs_dim: int, act_dim: int) -> int:
+    """Matmul FLOPs of one EMaQ update, counted as benchmarks/bench_update.py counts them: mu's N samples for B next
+    states, the K target networks on B x N pairs (their state part once per state), and the K online networks'
+    forward and backward (3 x forward) on B pairs."""
+    b, n, k, h = args.batch_size, args.num_samples, args.num_qs, args.q_hidden
+    hidden = (args.q_layers - 1) * h * h + h
+    target = 2 * k * (b * obs_dim * h + b * n * (act_dim * h + hidden))
+    online = 3 * 2 * k * b * ((obs_dim + act_dim) * h + hidden)
+    return mu.sample_flops(b, n) + target + online
+
+
+def peak_flops(device, precision: str) -> tuple[float, str]:
+    """The device's dense matmul rate in the run's precision, measured once with a short matmul (nanoGPT takes the
+    card's datasheet number instead; a measurement also holds for CPUs and shared machines). (FLOP/s, how)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    size = 8192 if device.type == "cuda" else 1024
+    generator = torch.Generator(device).manual_seed(0)  # its own: the run's random streams never move
+    a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator) for _ in range(2))
+    seconds, reps = 0.0, 0
+    for rep in range(1000):  # one warm-up, then at least 0.2 s of products
+        if rep == 1:
+            synchronize(device)
+            start = time.perf_counter()
+        a @ b
+        if rep >= 1:
+            reps += 1
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            if seconds > 0.2:
+                break
+    return 2 * size**3 * reps / seconds, f"measured: {size}x{size} {str(dtype).split('.')[-1]} matmul"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----- videos of evaluation episodes (--capture-video) -------------------------------------------------
+VIDEO_RENDER = dict(render_mode="rgb_array", width=320, height=240)  # mp4 encoders want multiples of 16
+
+
+def video_unavailable(make_render_env) -> bool:
+    """Whether the evaluation environment cannot render offscreen here; if so, say why in one line (the run goes on
+    without videos). Without a display, MuJoCo renders with EGL (a GPU's, or Mesa's software renderer on a CPU),
+    unless MUJOCO_GL says otherwise."""
+    problem = video_renderer_problem(make_render_env)
+    if problem:
+        log(
+            f"note: --capture-video: no videos, the environment cannot render here ({problem}); MUJOCO_GL=egl needs "
+            "libEGL (a GPU's driver or Mesa), MUJOCO_GL=osmesa needs libOSMesa; the run goes on without videos"
+        )
+    return problem is not None
+
+
+def video_renderer_problem(make_render_env) -> str | None:
+    """None if the evaluation environment renders offscreen here, else why not, in a few words."""
+    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        os.environ["MUJOCO_GL"] = "egl"
+    env, problem = None, None
+    # a renderer that fails half-way complains when its objects are freed: keep those complaints quiet here
+    hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None
+    try:
+        import imageio.v2  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            env = make_render_env()
+            env.reset(seed=0)
+            frame = env.render()
+        if frame is None or frame.shape[:2] != (VIDEO_RENDER["height"], VIDEO_RENDER["width"]):
+            problem = "its render() returned no frame of the asked size"
+    except Exception as e:
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no message'}"
+    try:
+        if env is not None:
+            env.close()
+    except Exception:
+        pass
+    env = None
+    gc.collect()
+    sys.unraisablehook = hook
+    return problem
+
+
+def write_video(run_dir, writer, name: str, frames: list, fps: float, step: int):
+    """The frames as runs/<run>/videos/<name>.mp4, and as a small animated GIF in TensorBoard (eval/video): at most
+    100 frames at half size, so that a long run's event file stays small."""
+    import imageio.v2 as imageio
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
+    path = os.path.join(run_dir, "videos", f"{name}.mp4")
+    imageio.mimwrite(path + ".tmp.mp4", frames, fps=fps, macro_block_size=16)
+    os.replace(path + ".tmp.mp4", path)
+    stride = max(1, -(-len(frames) // 100))
+    small = [Image.fromarray(f).reduce(2) for f in frames[::stride]]
+    gif = io.BytesIO()
+    small[0].save(gif, format="GIF", save_all=True, append_images=small[1:], duration=1000 * stride / fps, loop=0)
+    image = Summary.Image(
+        height=small[0].height, width=small[0].width, colorspace=3, encoded_image_string=gif.getvalue()
+    )
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), step)
+
+
 # ----- environments, and the hand-off to offline training ------------------------------------------------
-def make_envs(env_id: str, num: int, seed: int):
-    """A vector env (Gymnasium 1.x, autoreset on the step after an episode ends), refusing what EMaQ cannot handle."""
+def make_envs(env_id: str, num: int, seed: int, video: bool = False):
+    """A vector env (Gymnasium 1.x, autoreset on the step after an episode ends), refusing what EMaQ cannot handle;
+    with `video`, the first sub-environment renders its frames."""
 
     def make_env(index):
         def thunk():
-            env = gym.make(env_id)
+            env = gym.make(env_id, **(VIDEO_RENDER if video and index == 0 else {}))
             env.action_space.seed(seed + index)
             return env
 

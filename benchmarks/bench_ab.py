@@ -55,7 +55,13 @@ def build_update(eo, data, args: Args):
     q, q_target = eo.QEnsemble(OBS, ACT, K, H, 3), eo.QEnsemble(OBS, ACT, K, H, 3).requires_grad_(False)
     optimizer = torch.optim.Adam(q.parameters(), lr=1e-4, fused=True)
     run = eo.Args(
-        num_samples=args.num_samples, num_qs=K, batch_size=B, q_hidden=H, q_layers=3, precision=args.precision
+        num_samples=args.num_samples,
+        num_qs=K,
+        batch_size=B,
+        q_hidden=H,
+        q_layers=3,
+        precision=args.precision,
+        ema=0.995,
     )
     run.compile = "off"
     chunk = eo.target_states_per_chunk(run, mu, torch.device("cpu"))

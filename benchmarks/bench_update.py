@@ -113,6 +113,7 @@ def real_update(data, mu, n, device, precision="fp32", compile="off", cudagraphs
         precision=precision,
         compile=compile,
         cudagraphs=cudagraphs,
+        ema=0.995,
     )
     states_per_chunk = eo.target_states_per_chunk(run, mu, device)
     target_mu, target_q = mu, q_target  # as emaq_offline.main builds its update

@@ -99,3 +99,49 @@ for model in autoregressive vae; do
       --behavior-path "$(ls -d "$RUNS"/walker_mu_$model/*/ | head -n 1)mu.pt" --behavior-updates 0 --total-updates 10000 \
       --eval-every 5000 --final-eval-episodes 50 --delta-ns --runs-dir "$RUNS/walker_emaq_$model"
 done
+
+# The CPU preset's grid (issue #17; README, "The CPU preset"): the preset's sizes, 30k updates, seed 1, one mu per
+# dataset (20k updates, its policies over 100 episodes); N x Q lr x EMA on the practice Walker2d datasets, last
+# evaluation over 50 episodes. Run on one H200 with 15 runs at a time (`--compile off`); on a CPU, a few at a time.
+python - <<'PY'
+import minari
+medium, expert = (minari.load_dataset(f"practice/walker2d/{q}-v0") for q in ("medium", "expert"))
+minari.combine_datasets([medium, expert], "practice/walker2d/medium-expert-v0")  # needs a writable MINARI_DATASETS_PATH
+PY
+for data in medium expert medium-expert; do
+  python emaq_offline.py --dataset-id practice/walker2d/$data-v0 --preset cpu --total-updates 0 --eval-episodes 100 \
+      --delta-ns --runs-dir "$RUNS/grid_mu_$data"
+  GRID_MU=$(ls -d "$RUNS"/grid_mu_$data/*/ | head -n 1)mu.pt
+  for n in 5 10; do for lr in 1e-4 3e-4; do for ema in 0.995 0.98; do
+    python emaq_offline.py --dataset-id practice/walker2d/$data-v0 --preset cpu --behavior-path "$GRID_MU" \
+        --behavior-updates 0 --num-samples $n --q-lr $lr --ema $ema --eval-every 10000 --final-eval-episodes 50 \
+        --delta-ns --runs-dir "$RUNS/grid_$data" --exp-name "n${n}_lr${lr}_ema${ema}" &
+  done; done; wait; done
+done
+# Issue #18's last two ablations, on the medium mu of the grid (same seed): Q width 750, and raw observations (own mu).
+MEDIUM_MU=$(ls -d "$RUNS"/grid_mu_medium/*/ | head -n 1)mu.pt
+PAPER_RATES=(--preset cpu --num-samples 5 --q-lr 1e-4 --ema 0.995 --eval-every 10000 --final-eval-episodes 50 --delta-ns)
+python emaq_offline.py --dataset-id $WALKER "${PAPER_RATES[@]}" --behavior-path "$MEDIUM_MU" --behavior-updates 0 \
+    --q-hidden 750 --runs-dir "$RUNS/walker_ablation/width750" &
+python emaq_offline.py --dataset-id $WALKER "${PAPER_RATES[@]}" --no-normalize-obs --runs-dir "$RUNS/walker_ablation/noobsnorm30k" &
+wait
+# Issue #16 at N = 25 (10k updates, the paper's Q lr and EMA) over each model's mu; the VAE mu trained once here.
+python emaq_offline.py --dataset-id $WALKER --preset cpu --behavior-model vae --total-updates 0 --eval-episodes 100 \
+    --delta-ns --runs-dir "$RUNS/grid_mu_medium_vae"
+for model in autoregressive vae; do
+  mu_dir=$([ $model = vae ] && echo grid_mu_medium_vae || echo grid_mu_medium)
+  python emaq_offline.py --dataset-id $WALKER "${PAPER_RATES[@]}" --num-samples 25 --total-updates 10000 \
+      --behavior-model $model --behavior-path "$(ls -d "$RUNS"/$mu_dir/*/ | head -n 1)mu.pt" --behavior-updates 0 \
+      --runs-dir "$RUNS/walker_n25_$model" &
+done
+wait
+# ... and on the default random HalfCheetah (N = 5 and 25, 10k updates; each model's mu trained once).
+for model in autoregressive vae; do
+  python emaq_offline.py --preset cpu --behavior-model $model --total-updates 0 --eval-episodes 100 --delta-ns \
+      --runs-dir "$RUNS/hc_mu_$model"
+  for n in 5 25; do
+    python emaq_offline.py --preset cpu --q-lr 1e-4 --ema 0.995 --behavior-model $model --num-samples $n \
+        --behavior-path "$(ls -d "$RUNS"/hc_mu_$model/*/ | head -n 1)mu.pt" --behavior-updates 0 --total-updates 10000 \
+        --eval-every 5000 --final-eval-episodes 50 --delta-ns --runs-dir "$RUNS/hc_emaq_${model}_n$n"
+  done
+done

@@ -95,9 +95,9 @@ def make_dataset(dataset_id, env, num_steps, seed=0, policy=None, edit=None, **m
     return minari.load_dataset(dataset_id), transitions
 
 
-def run_script(*args, timeout=600):
-    """Run a script of the repository as a user would, in a subprocess; returns CompletedProcess."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_script(*args, timeout=600, env=None):
+    """Run a script of the repository as a user would, in a subprocess (`env`: extra environment variables)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -262,7 +262,7 @@ def test_presets_match_the_paper():
     linears = [m for m in kitchen.state_mlp if isinstance(m, torch.nn.Linear)]
     assert [layer.out_features for layer in linears] == [256] * 5 and len(kitchen.head_hidden_w) == 0
     assert kitchen.lin_weight.shape == (9, 9, 128) and kitchen.head_out_w.shape == (9, 128, 80)
-    assert set(PRESETS) == {"mujoco", "table3"}
+    assert set(PRESETS) == {"mujoco", "table3", "cpu"} and PRESETS["cpu"] == PRESETS["table3"]  # cpu: not the paper's
 
 
 # ----- the VAE of prior work (Appendix H.1), measured with the same metrics ------------------------

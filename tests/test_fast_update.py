@@ -112,7 +112,7 @@ def test_bf16_target_copies_follow_the_fp32_target_every_update():
     """In bf16 the target reads bf16 copies of mu and of the target ensemble; after updates they must equal fresh
     copies of the current fp32 target (which stays fp32: bf16 rounding would swallow the EMA's 0.5% steps)."""
     mu, q, q_target, data = setup()
-    args = eo.Args(num_samples=N, num_qs=K, batch_size=B, precision="bf16", compile="off")
+    args = eo.Args(num_samples=N, num_qs=K, batch_size=B, precision="bf16", compile="off", ema=0.995)
     update = make_update(data, mu, q, q_target, torch.optim.Adam(q.parameters(), lr=1e-2), args, 8)
     before = q_target.w_hidden[0].clone()
     for _ in range(3):
@@ -162,7 +162,7 @@ def test_compiled_update_equals_eager_and_failure_falls_back(monkeypatch, capsys
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     mu, q, q_target, data = setup()
-    args = eo.Args(num_samples=N, num_qs=K, batch_size=B, precision="fp32", compile="on")
+    args = eo.Args(num_samples=N, num_qs=K, batch_size=B, precision="fp32", compile="on", ema=0.995)
     before = q.w_out.detach().clone()
     metrics = make_update(data, mu, q, q_target, torch.optim.Adam(q.parameters(), lr=1e-3), args, 8)()
     assert torch.isfinite(metrics["qf_loss"]) and not torch.equal(before, q.w_out)  # the eager update ran
