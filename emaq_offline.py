@@ -8,6 +8,7 @@ after main. Docs: README.md.
 
 import copy
 import dataclasses
+import functools
 import gc
 import io
 import json
@@ -348,9 +349,8 @@ def main(args: Args):
     normalize = lambda o: (o - obs_mean) / obs_std  # noqa: E731
     data["obs"], data["next_obs"] = normalize(data["obs"]), normalize(data["next_obs"])
     batch_keys = ("obs", "actions", "rewards", "next_obs", "terminals")
-    video = args.capture_video and not video_unavailable(
-        lambda: dataset.recover_environment(True, **VIDEO_RENDER)
-    )  # the first episode of every evaluation, as mp4
+    render_env = functools.partial(dataset.recover_environment, eval_env=True, **VIDEO_RENDER)
+    video = args.capture_video and not video_unavailable(render_env)  # the first episode of every evaluation, as mp4
     envs, ref = make_eval_envs(dataset, args.eval_episodes, video), reference_scores(dataset)
     perm = torch.randperm(num_transitions, generator=torch.Generator().manual_seed(args.seed)).to(device)
     num_holdout = min(int(args.behavior_holdout * num_transitions), 10_000)
@@ -476,8 +476,9 @@ def main(args: Args):
             if speed_from is not None and step > speed_step:
                 sps = (step - speed_step) / (time.time() - speed_from)
                 writer.add_scalar("charts/SPS", sps, step)
-                writer.add_scalar("charts/mfu", 100 * sps * flops / peak, step)  # percent of the measured peak
-                postfix["mfu"] = f"{100 * sps * flops / peak:.2g}%"
+                mfu = 100 * sps * flops / peak  # percent of the measured peak
+                writer.add_scalar("charts/mfu", mfu, step)
+                postfix["mfu"] = f"{mfu:.2g}%"
                 progress.set_postfix(postfix)
                 speed_from, speed_step = time.time(), step
         if step % args.eval_every == 0 or is_last:

@@ -9,6 +9,7 @@ the Q ensemble, EMaQ, exploration, evaluation, main; run plumbing comes after ma
 
 import copy
 import dataclasses
+import functools
 import gc
 import io
 import json
@@ -327,7 +328,8 @@ def main(args: Args):
     # Environments and the replay buffer
     envs = make_envs(args.env_id, args.num_envs, args.seed)
     envs.action_space.seed(args.seed)
-    video = args.capture_video and not video_unavailable(lambda: gym.make(args.env_id, **VIDEO_RENDER))
+    render_env = functools.partial(gym.make, args.env_id, **VIDEO_RENDER)
+    video = args.capture_video and not video_unavailable(render_env)  # the first episode of every evaluation, as mp4
     eval_envs = make_envs(args.env_id, args.eval_episodes, args.eval_seed, video)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = action_bounds(envs.single_action_space)
