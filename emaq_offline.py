@@ -738,19 +738,8 @@ def peak_flops(device, precision: str) -> tuple[float, str]:
     size = 8192 if device.type == "cuda" else 1024
     generator = torch.Generator(device).manual_seed(0)  # its own: the run's random streams never move
     a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator) for _ in range(2))
-    seconds, reps = 0.0, 0
-    for rep in range(1000):  # one warm-up, then at least 0.2 s of products
-        if rep == 1:
-            synchronize(device)
-            start = time.perf_counter()
-        a @ b
-        if rep >= 1:
-            reps += 1
-            synchronize(device)
-            seconds = time.perf_counter() - start
-            if seconds > 0.2:
-                break
-    return 2 * size**3 * reps / seconds, f"measured: {size}x{size} {str(dtype).split('.')[-1]} matmul"
+    rate = timed_rate(lambda: a @ b, device, min_steps=1, min_seconds=0.2, max_steps=1000)  # products per second
+    return 2 * size**3 * rate, f"measured: {size}x{size} {str(dtype).split('.')[-1]} matmul"
 
 
 def synchronize(device):
@@ -783,25 +772,13 @@ def estimate_run_time(args, device, run: dict, data: dict, mu, q_ensemble, q_tar
     expected wall time of what is left, and the rates."""
     fmt = human_duration
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        obs, actions = data["obs"][: args.batch_size], data["actions"][: args.batch_size]
-        mu_copy = copy.deepcopy(mu).train().requires_grad_(True)
-        mu_optimizer = torch.optim.Adam(mu_copy.parameters(), lr=args.behavior_lr)
-
-        def mu_step():
-            with autocast(args.precision, device):
-                loss = mu_copy.loss(obs, actions)
-            mu_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            mu_optimizer.step()
-
-        mu_copy.eval().requires_grad_(False)
-        q_copy, q_target_copy = copy.deepcopy(q_ensemble), copy.deepcopy(q_target)
+        batch = [data[key][: args.batch_size] for key in ("obs", "actions", "rewards", "next_obs", "terminals")]
+        mu_copy, q_copy, q_target_copy = copy.deepcopy(mu), copy.deepcopy(q_ensemble), copy.deepcopy(q_target)
         q_optimizer = torch.optim.Adam(q_copy.parameters(), lr=args.q_lr)
         target_mu, target_q = mu_copy, q_target_copy
         if args.precision == "bf16":
             target_mu, target_q = bf16_copy(mu_copy, MU_OUTPUT), bf16_copy(q_target_copy, Q_OUTPUT)
         chunk = target_states_per_chunk(args, mu_copy, device)
-        batch = [data[key][: args.batch_size] for key in ("obs", "actions", "rewards", "next_obs", "terminals")]
         emaq_rate = timed_rate(
             lambda: emaq_update(batch, target_mu, target_q, q_copy, q_target_copy, q_optimizer, args, chunk), device
         )
@@ -814,8 +791,19 @@ def estimate_run_time(args, device, run: dict, data: dict, mu, q_ensemble, q_tar
             ),
             device,
         )
-        mu_copy.train().requires_grad_(True)
-        mu_rate = timed_rate(mu_step, device) if run["phase"] == "behavior" and not args.behavior_path else None
+        mu_rate = None
+        if run["phase"] == "behavior" and not args.behavior_path:
+            mu_copy.requires_grad_(True)
+            mu_optimizer = torch.optim.Adam(mu_copy.parameters(), lr=args.behavior_lr)
+
+            def mu_step():
+                with autocast(args.precision, device):
+                    loss = mu_copy.loss(batch[0], batch[1])
+                mu_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                mu_optimizer.step()
+
+            mu_rate = timed_rate(mu_step, device)
     mu_left = args.behavior_updates - run["step"] if mu_rate else 0
     emaq_left = args.total_updates - (run["step"] if run["phase"] == "emaq" else 0)
     evaluations = emaq_left // args.eval_every + 1 + (2 if mu_rate else 0)  # mu sampled and greedy, before EMaQ

@@ -722,19 +722,8 @@ def peak_flops(device, precision: str) -> tuple[float, str]:
     size = 8192 if device.type == "cuda" else 1024
     generator = torch.Generator(device).manual_seed(0)  # its own: the run's random streams never move
     a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator) for _ in range(2))
-    seconds, reps = 0.0, 0
-    for rep in range(1000):  # one warm-up, then at least 0.2 s of products
-        if rep == 1:
-            synchronize(device)
-            start = time.perf_counter()
-        a @ b
-        if rep >= 1:
-            reps += 1
-            synchronize(device)
-            seconds = time.perf_counter() - start
-            if seconds > 0.2:
-                break
-    return 2 * size**3 * reps / seconds, f"measured: {size}x{size} {str(dtype).split('.')[-1]} matmul"
+    rate = timed_rate(lambda: a @ b, device, min_steps=1, min_seconds=0.2, max_steps=1000)  # products per second
+    return 2 * size**3 * rate, f"measured: {size}x{size} {str(dtype).split('.')[-1]} matmul"
 
 
 def synchronize(device):
