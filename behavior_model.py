@@ -109,6 +109,23 @@ def _stacked_uniform(*shape: int, fan_in: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
 
 
+def fp32_output_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x @ weight + bias with an fp32 result, also under bf16 autocast: the output layers whose values are compared,
+    regressed or sampled from (mu's logits, the VAE's actions, the scripts' Q values). x is [M, H] (weight [H, C]) or
+    [D, M, H] (weight [D, H, C]). Like every bf16 layer it reads bf16 operands and sums in fp32; only its result is
+    not rounded to bf16 (8 significant bits: a spacing of 4 to 8 at Q = 1000, 0.06 at a logit of 10)."""
+    affine = torch.baddbmm if x.ndim == 3 else torch.addmm
+    with torch.autocast(x.device.type, enabled=False):
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+            return affine(bias.float(), x.float(), weight.float())
+        # On a CPU, an fp32 copy of x and an fp32 matmul cost more than two bf16 matmuls (README.md, "Benchmarks").
+        # A bf16 matmul rounds only its result, after adding baddbmm's `input` in fp32: so the second product below is
+        # the first one's rounding error, itself rounded to 2^-9 of its size.
+        weight = weight.to(torch.bfloat16)
+        rounded = (x @ weight).detach()  # the gradient flows through the second product only
+        return rounded.float() + affine(-rounded, x, weight).float() + bias.float()
+
+
 class BehaviorModel(nn.Module):
     """mu(a|s) = prod_i p(l_i | s, a[:i]) / width_i, a discretized autoregressive density (App. B)."""
 
@@ -200,9 +217,7 @@ class BehaviorModel(nn.Module):
             x = (torch.baddbmm(b[dims], x, w[dims]) if x.ndim == 3 else torch.addmm(b[dims], x, w[dims])).relu_()
         # The logits feed the NLL and the inverse-CDF draw: fp32 even under bf16 autocast (bf16 would round them by
         # up to 0.06 at |logit| = 10, a 6% error in the odds of a bin).
-        w, b = self.head_out_w[dims].float(), self.head_out_b[dims].float()
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.baddbmm(b, x.float(), w) if x.ndim == 3 else torch.addmm(b, x.float(), w)
+        return fp32_output_layer(x, self.head_out_w[dims], self.head_out_b[dims])
 
     def logits(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits of every dimension, [B, D, num_bins] (eq. 62), all heads batched."""
@@ -384,9 +399,8 @@ class VAEBehaviorModel(nn.Module):
         x = (self.decoder_obs(obs).unsqueeze(1) + self.decoder_latent(z)).relu()
         x = self.decoder_hidden(x)
         # The actions the Q ensemble compares leave in fp32, also under bf16 autocast (as mu's logits do).
-        w, b = self.decoder_out.weight.float(), self.decoder_out.bias.float()
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.tanh(F.linear(x.float(), w, b))
+        out = fp32_output_layer(x.flatten(0, -2), self.decoder_out.weight.T, self.decoder_out.bias)
+        return torch.tanh(out).view(*x.shape[:-1], self.act_dim)
 
     def _elbo_terms(self, obs, actions, generator=None):
         """(reconstruction NLL, KL) per sample, on actions mapped to [-1, 1], with one reparameterized z."""

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from behavior_model import BehaviorModel, VAEBehaviorModel, action_bounds
+from behavior_model import BehaviorModel, VAEBehaviorModel, action_bounds, fp32_output_layer
 
 
 @dataclass
@@ -200,8 +200,7 @@ class QEnsemble(nn.Module):
             x = torch.baddbmm(b, x, w).relu_()
         # The values EMaQ compares (max over N) and regresses (eq. 10) leave in fp32, also under bf16 autocast:
         # bf16's spacing at Q = 1000 is 4 to 8, as large as the differences between the N candidates.
-        with torch.autocast(x.device.type, enabled=False):
-            return torch.baddbmm(self.b_out.float(), x.float(), self.w_out.float()).view(k, batch, n)
+        return fp32_output_layer(x, self.w_out, self.b_out).view(k, batch, n)
 
 
 def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:

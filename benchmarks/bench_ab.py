@@ -4,8 +4,9 @@
     python benchmarks/bench_ab.py --before /tmp/before            # that commit against this working tree
 
 Both trees' update runs at the paper's configuration (B = 256, K = 8 Q networks of 3 x 750, mu's MuJoCo preset,
-HalfCheetah's 17/6 dimensions) with the same flags; rounds alternate so that a machine whose speed drifts (a shared VM)
-affects both alike. Prints the CPU model, the median and the fastest round of each tree, and their ratio.
+HalfCheetah's 17/6 dimensions) with the same flags. A shared VM's speed drifts (2x within minutes here), so every round
+times both trees twice, A B B A (then B A A B), and the result is the median over rounds of each round's time ratio;
+an A/A run (`--before .`) shows the noise that is left. Prints the CPU model too.
 """
 
 import importlib.util
@@ -29,10 +30,10 @@ class Args:
     """--precision of both updates"""
     num_samples: int = 10
     """N"""
-    rounds: int = 8
-    """alternating rounds per tree"""
-    updates_per_round: int = 10
-    """updates timed per round"""
+    rounds: int = 30
+    """rounds; each times both trees twice, in the order A B B A or B A A B"""
+    updates_per_round: int = 2
+    """updates per tree and slot"""
 
 
 OBS, ACT, B, K, H = 17, 6, 256, 8, 750
@@ -94,16 +95,24 @@ def main(args: Args):
     for update in updates.values():
         for _ in range(3):  # warm-up
             update()
-    for _ in range(args.rounds):
-        for name, update in updates.items():
+    ratios = []  # per round: the machine's speed drifts (a shared VM: 2x within minutes), adjacent slots share it
+    for round_ in range(args.rounds):  # A B B A, then B A A B, ...: a linear drift within a round cancels
+        order = list(updates) if round_ % 2 == 0 else list(updates)[::-1]
+        spent = dict.fromkeys(updates, 0.0)
+        for name in order + order[::-1]:
             start = time.perf_counter()
             for _ in range(args.updates_per_round):
-                update()
+                updates[name]()
+            spent[name] += time.perf_counter() - start
             times[name].append((time.perf_counter() - start) / args.updates_per_round * 1e3)
+        ratios.append(spent["after"] / spent["before"])
     for name, ms in times.items():
-        print(f"{name:>6}: median {statistics.median(ms):.1f} ms/update, fastest round {min(ms):.1f} ms")
-    ratio = statistics.median(times["after"]) / statistics.median(times["before"])
-    print(f"after / before: {ratio:.3f} (median), {min(times['after']) / min(times['before']):.3f} (fastest)")
+        print(f"{name:>6}: median {statistics.median(ms):.1f} ms/update, fastest {min(ms):.1f} ms")
+    quartiles = statistics.quantiles(ratios, n=4)
+    print(
+        f"after / before: {statistics.median(ratios):.3f} (median of {args.rounds} rounds' ratios; quartiles "
+        f"{quartiles[0]:.3f}-{quartiles[2]:.3f}), {min(times['after']) / min(times['before']):.3f} (fastest slots)"
+    )
 
 
 if __name__ == "__main__":

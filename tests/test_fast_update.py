@@ -9,7 +9,7 @@ from conftest import make_update
 from torch import nn
 
 import emaq_offline as eo
-from behavior_model import BehaviorModel
+from behavior_model import BehaviorModel, fp32_output_layer
 
 OBS, ACT, K, HIDDEN, B, N = 5, 3, 4, 64, 24, 6
 
@@ -189,18 +189,25 @@ def test_auto_settings_per_device(monkeypatch, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_bf16_keeps_the_compared_values_in_fp32_at_q_around_1000():
+@pytest.mark.parametrize("scale_in", ["output bias", "weights"])
+def test_bf16_keeps_the_compared_values_in_fp32_at_q_around_1000(scale_in):
     """HalfCheetah medium/expert data give Q of 500 to 1200, where bf16's spacing is 4 to 8. Under --precision bf16 the
     target's mean absolute difference from fp32's stays below 0.5, and wherever fp32's best two of N candidates differ
-    by more than 1, bf16 picks the same one in at least 99% of states. (Measured: 0.03 and 100%; with bf16 Q outputs
-    1.0 and 66%.)"""
+    by more than 1, bf16 picks the same one in at least 99% of states. Q's scale sits in the output bias, or in the
+    weights (the last hidden units around 1, the output weights summing to 1000: bf16 products must not round it).
+    (Measured: 0.03 and 100% / 0.11 and 100%; with bf16 Q outputs 1.0 and 66% / 0.98 and 58%.)"""
     torch.manual_seed(0)
     obs_dim, act_dim, k, n, batch = 17, 6, 4, 10, 1024
     mu = BehaviorModel.from_preset("table3", obs_dim, [-1.0] * act_dim, [1.0] * act_dim).requires_grad_(False)
     q = eo.QEnsemble(obs_dim, act_dim, k, 256, 3).requires_grad_(False)
-    with torch.no_grad():  # Q around 1000, candidates about 2 apart: the scale of a converged HalfCheetah ensemble
-        q.w_out.mul_(200.0)
-        q.b_out.fill_(1000.0)
+    with torch.no_grad():  # Q around 1000, candidates a few apart: the scale of a converged HalfCheetah ensemble
+        if scale_in == "output bias":
+            q.w_out.mul_(200.0)
+            q.b_out.fill_(1000.0)
+        else:
+            q.b_hidden[-1].add_(1.0)
+            q.w_out.mul_(50.0).add_(1000 / 256)
+            q.b_out.zero_()
     args = eo.Args(num_samples=n, num_qs=k)
     obs, next_obs, rewards, terminals = (
         torch.randn(batch, obs_dim),
@@ -225,3 +232,30 @@ def test_bf16_keeps_the_compared_values_in_fp32_at_q_around_1000():
     clear = best_two[:, 0] - best_two[:, 1] > 1
     assert clear.sum() > 100
     assert (values16.argmax(-1) == values32.argmax(-1))[clear].float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["Q ensemble, mu's heads", "one head, the VAE"])
+def test_fp32_output_layer_from_bf16_activations_equals_fp32_at_q_around_1000(batched):
+    """Under bf16 on a CPU the output layers read the bf16 activations without an fp32 copy (two bf16 products: the
+    result, then its rounding error). Values and gradients must equal fp32's computation on the same bf16 operands:
+    values within 1e-5 x |Q| (a bf16 result is off by up to 4 at Q = 1000), gradients within 1% in norm (the incoming
+    gradient is rounded to bf16, as in every bf16 layer's backward)."""
+    torch.manual_seed(0)
+    shape, affine = ((4, 640, 256), torch.baddbmm) if batched else ((640, 256), torch.addmm)
+    x = torch.randn(shape).relu().to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(*shape[:-2], 256, 3) * 0.3 + 7.0).requires_grad_()  # Q around 1000
+    bias = torch.randn(*shape[:-2], 1, 3).requires_grad_()
+    operands = x.float(), weight.to(torch.bfloat16).float()  # bf16 operands, as every bf16 layer reads them
+    reference = affine(bias, *operands)
+    assert 700 < reference.mean() < 1300
+    values = fp32_output_layer(x, weight, bias)
+    assert values.dtype == torch.float32 and values.shape == reference.shape
+    assert (values - reference).abs().max() < 1e-5 * reference.abs().max()
+    assert (reference.to(torch.bfloat16).float() - reference).abs().max() > 1.0  # what the layer avoids
+    g = torch.randn(reference.shape)
+    grads = torch.autograd.grad((values * g).sum(), (x, weight, bias))
+    expected = torch.autograd.grad((reference * g).sum(), (x, weight, bias))
+    for grad, grad_fp32 in zip(grads, expected, strict=True):
+        assert grad.dtype == grad_fp32.dtype and (grad - grad_fp32).float().norm() < 0.01 * grad_fp32.float().norm()
+    x32 = x.detach().float()  # --precision fp32: fp32's own product
+    assert torch.equal(fp32_output_layer(x32, weight, bias), affine(bias, x32, weight))
