@@ -4,8 +4,9 @@ Paper, Appendix B: a state MLP embeds s into h; for every action dimension i, ML
 [h, a[:i]] and outputs logits over `num_bins` equal-width bins of [low_i, high_i]. Appendix G.3
 replaces the raw prefix a[:i] by a linear map Lin_i(a[:i]); both are offered (`prefix_dim`).
 
-This file holds the model and nothing else: no data, no environment code. Both training scripts
-import it. Beside it, `VAEBehaviorModel` is the VAE that prior work used for mu (Appendix H.1), for
+This file holds the models and nothing else: no data, no environment code. Both training scripts
+import it, and their Q ensembles share its `fp32_output_layer` (output values kept in fp32 under
+bf16). Beside it, `VAEBehaviorModel` is the VAE that prior work used for mu (Appendix H.1), for
 the paper's comparison of the two (`--behavior-model vae`); both share one file format.
 
 The autoregressive model's speed comes from three choices (DESIGN.md, "cost notes"):

@@ -103,8 +103,9 @@ def main(args: Args):
             start = time.perf_counter()
             for _ in range(args.updates_per_round):
                 updates[name]()
-            spent[name] += time.perf_counter() - start
-            times[name].append((time.perf_counter() - start) / args.updates_per_round * 1e3)
+            elapsed = time.perf_counter() - start
+            spent[name] += elapsed
+            times[name].append(elapsed / args.updates_per_round * 1e3)
         ratios.append(spent["after"] / spent["before"])
     for name, ms in times.items():
         print(f"{name:>6}: median {statistics.median(ms):.1f} ms/update, fastest {min(ms):.1f} ms")
