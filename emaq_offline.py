@@ -136,6 +136,21 @@ class Args:
     """memory budget of the target's B x N x K values; unset: half of the free device memory"""
 
 
+# The flags that decide what mu is (its data, its architecture, its training): mu.json records them, and a sweep
+# over any of them trains one mu per value (benchmarks/sweep.py reads this tuple).
+MU_ARGS = (
+    "dataset_id",
+    "normalize_obs",
+    "preset",
+    "behavior_model",
+    "behavior_updates",
+    "behavior_lr",
+    "behavior_holdout",
+    "batch_size",
+    "precision",
+)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Data: a Minari dataset -> transitions (s, a, r, s', terminal) as tensors on the training device
 # ---------------------------------------------------------------------------------------------------
