@@ -1,21 +1,10 @@
-"""The autoregressive behavior model mu(a|s) of EMaQ (Ghasemipour, Schuurmans & Gu, 2021).
+"""The behavior models mu(a|s) of EMaQ (Ghasemipour, Schuurmans & Gu, 2021); models only, no data or env code.
 
-Paper, Appendix B: a state MLP embeds s into h; for every action dimension i, MLP_i reads
-[h, a[:i]] and outputs logits over `num_bins` equal-width bins of [low_i, high_i]. Appendix G.3
-replaces the raw prefix a[:i] by a linear map Lin_i(a[:i]); both are offered (`prefix_dim`).
-
-This file holds the models and nothing else: no data, no environment code. Both training scripts
-import it, and their Q ensembles share its `fp32_output_layer` (output values kept in fp32 under
-bf16). Beside it, `VAEBehaviorModel` is the VAE that prior work used for mu (Appendix H.1), for
-the paper's comparison of the two (`--behavior-model vae`); both share one file format.
-
-The autoregressive model's speed comes from three choices (DESIGN.md, "cost notes"):
-  * all D per-dimension heads are stored as stacked weights [D, in, out], so teacher-forced training
-    runs every head in one batched matmul per layer (one backward pass for all dimensions);
-  * the state is embedded once per state, and its contribution to every head's first layer is
-    computed once per state, never once per sample;
-  * the first dimension depends on the state alone, so its logits are computed for B states and
-    only the later dimensions run on B*N samples.
+`BehaviorModel` is the paper's (App. B, G.3): a state MLP embeds s into h; head i reads [h, a[:i]] (or Lin_i(a[:i]))
+and outputs logits over `num_bins` equal-width bins of [low_i, high_i]. Its speed: the D heads are stacked [D, in, out]
+weights (one batched matmul per layer), the state part of every head is computed once per state, never per sample,
+and dimension 0 depends on the state alone. `VAEBehaviorModel` is the VAE of prior work (App. H.1), to compare.
+Both scripts import this file; their Q ensembles share `fp32_output_layer` (values kept in fp32 under bf16).
 """
 
 from __future__ import annotations
@@ -63,23 +52,23 @@ class BehaviorConfig:
 
 def action_bounds(action_space) -> tuple[list[float], list[float]]:
     """(low, high) of a bounded 1-D Box action space; a clear ValueError for anything else."""
-    supported = (
-        "EMaQ's behavior model supports a continuous gymnasium.spaces.Box action space of shape (act_dim,) "
-        "with finite low and high"
+    name, low, high = (
+        type(action_space).__name__,
+        getattr(action_space, "low", None),
+        getattr(action_space, "high", None),
     )
-    name = type(action_space).__name__
-    if name != "Box" or not hasattr(action_space, "low"):
-        raise ValueError(f"unsupported action space {action_space!r} ({name}): {supported}.")
-    low, high = (
-        torch.as_tensor(action_space.low, dtype=torch.float64),
-        torch.as_tensor(action_space.high, dtype=torch.float64),
-    )
-    if low.ndim != 1:
-        raise ValueError(
-            f"unsupported action space {action_space!r}: shape {tuple(low.shape)} is not 1-D; {supported}."
+    problem = "" if name == "Box" and low is not None else f"({name})"
+    if not problem:
+        low, high = torch.as_tensor(low, dtype=torch.float64), torch.as_tensor(high, dtype=torch.float64)
+        problem = f"shape {tuple(low.shape)} is not 1-D" if low.ndim != 1 else ""
+        problem = problem or (
+            "" if torch.isfinite(low).all() and torch.isfinite(high).all() else "its bounds are infinite"
         )
-    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
-        raise ValueError(f"unsupported action space {action_space!r}: its bounds are infinite; {supported}.")
+    if problem:
+        raise ValueError(
+            f"unsupported action space {action_space!r}: {problem}; EMaQ's behavior model supports a continuous "
+            "gymnasium.spaces.Box action space of shape (act_dim,) with finite low and high."
+        )
     return low.tolist(), high.tolist()
 
 
@@ -117,14 +106,20 @@ def fp32_output_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
     not rounded to bf16 (8 significant bits: a spacing of 4 to 8 at Q = 1000, 0.06 at a logit of 10)."""
     affine = torch.baddbmm if x.ndim == 3 else torch.addmm
     with torch.autocast(x.device.type, enabled=False):
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        if x.dtype != torch.bfloat16:
             return affine(bias.float(), x.float(), weight.float())
-        # On a CPU, an fp32 copy of x and an fp32 matmul cost more than two bf16 matmuls (README.md, "Benchmarks").
+        weight = weight.to(torch.bfloat16)  # bf16 operands on every device: the weights are read in bf16 too
+        if x.device.type not in TWO_PRODUCTS_ON:
+            return affine(bias.float(), x.float(), weight.float())
         # A bf16 matmul rounds only its result, after adding baddbmm's `input` in fp32: so the second product below is
-        # the first one's rounding error, itself rounded to 2^-9 of its size.
-        weight = weight.to(torch.bfloat16)
+        # the first one's rounding error, itself rounded to 2^-9 of its size. Same value as the branch above.
         rounded = (x @ weight).detach()  # the gradient flows through the second product only
         return rounded.float() + affine(-rounded, x, weight).float() + bias.float()
+
+
+# Where two bf16 products beat an fp32 copy of x and an fp32 matmul (a CPU: docs/benchmarks.md); both read the same
+# bf16 operands and agree to ~5e-6 of the value (tests/test_fast_update.py).
+TWO_PRODUCTS_ON = ("cpu",)
 
 
 class BehaviorModel(nn.Module):
@@ -153,18 +148,8 @@ class BehaviorModel(nn.Module):
         ):
             raise ValueError("obs_dim, sizes, head_layers and num_bins must be >= 1; state_layers and prefix_dim >= 0")
         act_dim = low.numel()
-        self.config = BehaviorConfig(
-            int(obs_dim),
-            low.tolist(),
-            high.tolist(),
-            state_hidden,
-            state_layers,
-            embed_dim,
-            head_hidden,
-            head_layers,
-            prefix_dim,
-            num_bins,
-        )
+        sizes = (state_hidden, state_layers, embed_dim, head_hidden, head_layers, prefix_dim, num_bins)
+        self.config = BehaviorConfig(int(obs_dim), low.tolist(), high.tolist(), *sizes)
         self.obs_dim, self.act_dim, self.num_bins = int(obs_dim), act_dim, num_bins
         self.register_buffer("bin_width", (high - low) / num_bins)
 
@@ -312,15 +297,13 @@ class BehaviorModel(nn.Module):
             flops += 2 * (num_states if i == 0 else num_states * n) * head
         return flops
 
-    def save(self, path: str) -> None:
-        """Write weights and constructor configuration to one file, atomically (temporary file + rename)."""
+    def save(self, path: str) -> None:  # weights and constructor configuration, atomically
         save_model(self, path)
 
     @classmethod
     def load(
         cls, path: str, obs_dim: int | None = None, act_dim: int | None = None, map_location="cpu"
     ) -> BehaviorModel:
-        """Rebuild a saved model; pass obs_dim/act_dim to refuse a model made for other shapes."""
         return load_model(cls, path, obs_dim, act_dim, map_location)
 
 
@@ -403,21 +386,28 @@ class VAEBehaviorModel(nn.Module):
         out = fp32_output_layer(x.flatten(0, -2), self.decoder_out.weight.T, self.decoder_out.bias)
         return torch.tanh(out).view(*x.shape[:-1], self.act_dim)
 
-    def _elbo_terms(self, obs, actions, generator=None):
-        """(reconstruction NLL, KL) per sample, on actions mapped to [-1, 1], with one reparameterized z."""
+    def _reconstruct(self, obs, actions, generator=None):
+        """(actions mapped to [-1, 1], their reconstruction from one reparameterized z, the posterior's mean, std)."""
         unit = (actions - self.mid) / self.half_range
         mean, log_std = self.encoder(torch.cat([obs, unit.to(obs.dtype)], -1)).float().chunk(2, -1)
         std = log_std.clamp(-4, 15).exp()  # BCQ's and BRAC's clamp
         eps = torch.randn(mean.shape, device=mean.device, generator=generator)
-        recon = self.decode(obs, (mean + std * eps).unsqueeze(1)).squeeze(1)
-        nll = 0.5 * ((unit - recon) ** 2).sum(-1) + 0.5 * self.act_dim * math.log(2 * math.pi)  # N(tanh(v), I)
+        return unit, self.decode(obs, (mean + std * eps).unsqueeze(1)).squeeze(1), mean, std
+
+    def _elbo_terms(self, obs, actions, generator=None):
+        """(reconstruction NLL under N(tanh(v), I), KL to the prior) per sample, summed over dimensions."""
+        unit, recon, mean, std = self._reconstruct(obs, actions, generator)
+        nll = 0.5 * ((unit - recon) ** 2).sum(-1) + 0.5 * self.act_dim * math.log(2 * math.pi)
         kl = (0.5 * (mean**2 + std**2) - std.log() - 0.5).sum(-1)  # KL(N(mean, std) || N(0, I))
         return nll, kl
 
     def loss(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Mean over the batch of the reconstruction NLL + 0.5 KL (App. H.1), with one z per sample."""
-        nll, kl = self._elbo_terms(obs, actions)
-        return (nll + self.config.kl_weight * kl).mean()
+        """The loss of the code the paper used for its VAE (App. H.1: Wu et al. 2019's BRAC code, brac/bcq_agent.py,
+        `_build_b_loss`): the squared reconstruction error averaged over batch and action dimensions + 0.5 x the KL to
+        N(0, I) averaged over batch and latent dimensions, with one reparameterized z per sample."""
+        unit, recon, mean, std = self._reconstruct(obs, actions)
+        kl = -0.5 * (1 + torch.log(std**2) - mean**2 - std**2)
+        return ((recon - unit) ** 2).mean() + self.config.kl_weight * kl.mean()
 
     @torch.no_grad()
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, num_z: int = 16) -> torch.Tensor:
@@ -437,15 +427,13 @@ class VAEBehaviorModel(nn.Module):
         unit = self.decode(obs, z)
         return torch.minimum(torch.maximum(self.mid + self.half_range * unit, self.low), self.high)
 
-    def save(self, path: str) -> None:
-        """Write weights and constructor configuration to one file, atomically (temporary file + rename)."""
+    def save(self, path: str) -> None:  # weights and constructor configuration, atomically
         save_model(self, path)
 
     @classmethod
     def load(
         cls, path: str, obs_dim: int | None = None, act_dim: int | None = None, map_location="cpu"
     ) -> VAEBehaviorModel:
-        """Rebuild a saved model; pass obs_dim/act_dim to refuse a model made for other shapes."""
         return load_model(cls, path, obs_dim, act_dim, map_location)
 
 

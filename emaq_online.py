@@ -1,17 +1,14 @@
-"""Online EMaQ (Ghasemipour, Schuurmans & Gu, ICML 2021, Appendix F), fully online or deployment-efficient.
-
-The paper's loop: collect M environment steps with the current policy, frozen while it collects (exploration: N samples
-from a temperature-smoothed mu, the best by mean + beta * std of the ensemble, eq. 67), then run M updates of mu
-(maximum likelihood on the replay buffer) and of the Q ensemble (the EMaQ target, eq. 11). M = 1 is fully online;
-M = 50,000 is the paper's deployment-efficient setting. Read top to bottom: Args, the environment and replay buffer,
-the Q ensemble, EMaQ, exploration, evaluation, main; run plumbing comes after main. Docs: README.md.
+"""Online EMaQ (Ghasemipour, Schuurmans & Gu, ICML 2021, Appendix F): collect M environment steps with the current
+policy, frozen while it collects (N samples from a temperature-smoothed mu, the best by eq. 67), then run M updates of
+mu (maximum likelihood on the replay buffer) and of the Q ensemble (eq. 11). M = 1 is fully online; M = 50,000 is the
+paper's deployment-efficient setting. Read top to bottom: Args, the environment and replay buffer, the Q ensemble, EMaQ
+and exploration, evaluation, main; small helpers follow main. tools/export_replay.py turns a run's replay buffer into
+a Minari dataset for emaq_offline.py. Docs: docs/online.md.
 """
 
 import copy
 import dataclasses
-import functools
 import gc
-import io
 import json
 import os
 import random
@@ -44,13 +41,12 @@ class Args:
     cuda: bool = True
     """use the GPU when one is present"""
     runs_dir: str = "runs"
-    """TensorBoard logs and saved models go to runs_dir/<run name>/"""
-
+    """TensorBoard logs, config.json, checkpoints and videos go to runs_dir/<run name>/"""
     # Environment and collection
     env_id: str = "HalfCheetah-v5"
     """a Gymnasium environment with a bounded Box action space and Box observations"""
     total_timesteps: int = 1_000_000
-    """environment steps (transitions) to collect"""
+    """environment steps (transitions) to collect; with --resume, a larger value extends the run"""
     learning_starts: int = 10_000
     """uniform random actions, and no updates, for this many environment steps"""
     trajectory_batch_size: int = 1
@@ -58,8 +54,7 @@ class Args:
     num_envs: int = 1
     """environments stepped together during collection"""
     buffer_size: int = 1_000_000
-    """replay buffer capacity (transitions), kept on the training device"""
-
+    """replay buffer capacity (transitions), preallocated on the training device"""
     # Exploration (Appendix F, eq. 67)
     num_samples: int = 200
     """N: actions sampled from mu for exploration, the target (eq. 11) and the test-time policy"""
@@ -67,7 +62,6 @@ class Args:
     """mu's temperature in exploration (logits / T; the VAE's z * T), paper: 1, 5, 10, 20; targets and evaluation: 1"""
     ucb_beta: float = 1.0
     """beta of the exploration score mean(Q) + beta * std(Q) over the ensemble"""
-
     # EMaQ (Table 2 sizes)
     behavior_model: Literal["autoregressive", "vae"] = "autoregressive"
     """mu: the paper's autoregressive model (App. B) or the VAE of prior work (App. H.1), to compare (Section 5.1)"""
@@ -97,28 +91,22 @@ class Args:
     """'max': the EMaQ backup; 'soft': the softmax-weighted average over the N samples (Appendix J)"""
     soft_alpha: float = 10.0
     """alpha of the soft backup, weights softmax(alpha * Q) (Appendix J, eq. 74)"""
-
     # Evaluation, logging, saving
     eval_every: int = 10_000
     """evaluate the test-time policy every this many environment steps"""
     eval_episodes: int = 10
     """episodes per evaluation, run as one vectorized environment"""
     capture_video: bool = False
-    """record the first episode of every evaluation to runs/<run>/videos/ (mp4) and to TensorBoard (eval/video)"""
+    """record the first episode of every evaluation as runs/<run>/videos/step_<env step>.mp4"""
     eval_seed: int = 0
     """seed of the evaluation episodes and of their samples from mu (the same at every evaluation)"""
     log_every: int = 1_000
     """move losses to the host and log them every this many updates"""
-    save_model: bool = False
-    """write mu, the Q ensemble, its targets and the config into the run directory at the end"""
-    save_dataset: str | None = None
-    """write every collected transition as a Minari dataset with this id (emaq_offline.py --dataset-id trains on it)"""
     checkpoint_every: int = 50_000
-    """write the full state (models, optimizers, replay buffer, RNGs, environments) every this many steps + updates"""
+    """write the full state (models, optimizers, replay buffer, RNGs, counters) every this many steps + updates"""
     resume: str | None = None
-    """continue the run in this run directory from its last checkpoint (a larger --total-timesteps extends it)"""
-
-    # Speed: how fast, never what is computed (README.md, "Benchmarks")
+    """continue this run from its last checkpoint, in fresh environments (its running episodes end there, truncated)"""
+    # Speed: how fast, never what is computed (docs/benchmarks.md)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 matmuls in mu's and the Q updates (Q values, targets, losses, logits stay fp32); auto: bf16 where native"""
     compile: Literal["auto", "on", "off"] = "auto"
@@ -129,15 +117,41 @@ class Args:
     """memory budget of the target's B x N x K values; unset: half of the free device memory"""
 
 
-# ---------------------------------------------------------------------------------------------------
-# Environment steps into a replay buffer on the training device
-# ---------------------------------------------------------------------------------------------------
-def make_buffer(capacity, obs_dim, act_dim, device):
-    def zeros(*shape, dtype=torch.float32):
-        return torch.zeros(capacity, *shape, dtype=dtype, device=device)
+def cli(argv=None) -> Args:
+    """The command line over the defaults a run will use, so that --help shows them: a resumed run's own flags."""
+    argv = sys.argv[1:] if argv is None else argv
+    first, _ = tyro.cli(Args, args=[a for a in argv if a not in ("-h", "--help")], return_unknown_args=True)
+    defaults = Args()
+    if first.resume:  # then a passed flag is compared with the run's own value, never with Args' default
+        defaults = dataclasses.replace(read_config(first.resume), resume=first.resume)
+    return tyro.cli(Args, args=argv, default=defaults)
 
-    buffer = dict(obs=zeros(obs_dim), actions=zeros(act_dim), rewards=zeros(), next_obs=zeros(obs_dim))
-    return dict(**buffer, terminals=zeros(), truncated=zeros(), env=zeros(dtype=torch.long), ptr=0, size=0)
+
+# ----- Environment steps into a replay buffer on the training device -------------------------------------------------
+def make_envs(env_id: str, num: int, video: bool = False):
+    """A vector env (Gymnasium 1.x: a sub-env whose episode ended is reset by the next step), refusing what EMaQ cannot
+    handle; with `video`, the first sub-environment renders its frames."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make = [lambda i=i: gym.make(env_id, **(VIDEO_RENDER if video and i == 0 else {})) for i in range(num)]
+            envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.vector.SyncVectorEnv(make))
+    except gym.error.Error as e:
+        fail(f"cannot make environment {env_id!r}: {e}. Check the id (gymnasium.pprint_registry() lists them)")
+    try:
+        action_bounds(envs.single_action_space)
+    except ValueError as e:
+        fail(f"environment {env_id}: {e}")
+    if not isinstance(envs.single_observation_space, gym.spaces.Box):
+        fail(f"environment {env_id} has {envs.single_observation_space} observations: wrap it in FlattenObservation")
+    return envs
+
+
+def make_buffer(capacity: int, obs_dim: int, act_dim: int, device) -> dict:
+    """Preallocated tensors on the device; `env`: the sub-environment that made each transition."""
+    shapes = dict(obs=(obs_dim,), actions=(act_dim,), rewards=(), next_obs=(obs_dim,), terminals=(), truncated=())
+    buf = {key: torch.zeros(capacity, *shape, device=device) for key, shape in shapes.items()}
+    return buf | dict(env=torch.zeros(capacity, dtype=torch.long, device=device), ptr=0, size=0)
 
 
 def buffer_add(buf, **rows):
@@ -154,12 +168,17 @@ def buffer_sample(buf, batch_size) -> list[torch.Tensor]:
     return [buf[key][idx] for key in ("obs", "actions", "rewards", "next_obs", "terminals")]
 
 
-def step_and_store(envs, obs, actions, autoreset, buf):
-    """One vector step; stores its real transitions. Returns (next_obs, ended, real, infos).
+def replay_order(buf) -> torch.Tensor:
+    """The buffer's rows, oldest first."""
+    start = buf["ptr"] if buf["size"] == len(buf["obs"]) else 0
+    return (torch.arange(buf["size"], device=buf["obs"].device) + start) % len(buf["obs"])
 
-    Gymnasium 1.x autoreset: a sub-env whose episode ended on the previous step (`autoreset`) is reset by this step,
-    which ignores its action. (obs, action, next_obs) there joins two episodes: it is not a transition. The older
-    `final_observation` pattern does not apply: the final observation is the next_obs of the ending step."""
+
+def step_and_store(envs, obs, actions, autoreset, buf):
+    """One vector step; stores its real transitions; returns (next_obs, ended, real, infos). Gymnasium 1.x autoreset:
+    a sub-env whose episode ended on the previous step (`autoreset`) is reset by this step, which ignores its action:
+    (obs, action, next_obs) there joins two episodes and is not stored. The final observation of an episode is the
+    next_obs of its ending step (the older `final_observation` pattern does not apply)."""
     next_obs, rewards, terminated, truncated, infos = envs.step(actions)
     real = ~autoreset
     if real.any():
@@ -168,9 +187,7 @@ def step_and_store(envs, obs, actions, autoreset, buf):
     return next_obs, terminated | truncated, real, infos
 
 
-# ---------------------------------------------------------------------------------------------------
-# Q ensemble (the same code as emaq_offline.py's)
-# ---------------------------------------------------------------------------------------------------
+# ----- Q ensemble: K MLPs evaluated together (the same code as emaq_offline.py's) ------------------------------------
 class QEnsemble(nn.Module):
     """K Q networks Q_k(s, a), weights stacked as [K, in, out]. The first layer is split into a state part, computed
     once per state, and an action part, computed per sampled action: Q(s', a'_i) for N samples costs one state
@@ -208,9 +225,7 @@ def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:
     return lam * q_values.min(0).values + (1 - lam) * q_values.max(0).values
 
 
-# ---------------------------------------------------------------------------------------------------
-# EMaQ: the target (eq. 11), one update (eq. 10), the test-time policy (Algorithm 1), exploration (Appendix F)
-# ---------------------------------------------------------------------------------------------------
+# ----- EMaQ: the target (eq. 11), one update (eq. 10), the test-time policy (Algorithm 1), exploration (eq. 67) -------
 @torch.no_grad()
 def emaq_target(mu, q_target, rewards, next_obs, terminals, args, states_per_chunk: int | None = None) -> torch.Tensor:
     """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')   (eq. 11).
@@ -277,9 +292,7 @@ def explore(mu, q_ensemble, obs, args: Args) -> torch.Tensor:
     return ucb_select(q_ensemble(obs, candidates), candidates, args.ucb_beta)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Evaluation (the same code as emaq_offline.py's; observations are not normalized online)
-# ---------------------------------------------------------------------------------------------------
+# ----- Evaluation (the same code as emaq_offline.py's; observations are not normalized online) -----------------------
 def evaluate(policy, envs, obs_space, normalize, seed: int, device, frames: list | None = None) -> np.ndarray:
     """Undiscounted return of the first episode of every sub-environment. The policy draws from its own generator,
     seeded like the episodes: evaluating never moves the training's random streams. With a `frames` list, the first
@@ -311,68 +324,55 @@ def flatten_obs(space: gym.Space, obs) -> np.ndarray:
     fail(f"unsupported observation space {space}: use Box or (nested) Dict of Box observations")
 
 
-# ---------------------------------------------------------------------------------------------------
-COUNTERS = ("global_step", "num_updates", "cycle_steps", "cycle_updates", "work", "next_eval")  # checkpointed
+COUNTERS = ("global_step", "num_updates", "cycle_steps", "cycle_updates", "work")  # checkpointed, with the evaluations
 
 
 def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    args, ckpt = resolve_resume(args)
-    check_args(args, device)
+    ckpt = load_checkpoint(args) if args.resume else None
+    args = check_args(args, device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    # Environments and the replay buffer
-    envs = make_envs(args.env_id, args.num_envs, args.seed)
-    envs.action_space.seed(args.seed)
-    render_env = functools.partial(gym.make, args.env_id, **VIDEO_RENDER)
-    video = args.capture_video and not video_unavailable(render_env)  # the first episode of every evaluation, as mp4
-    eval_envs = make_envs(args.env_id, args.eval_episodes, args.eval_seed, video)
+    # Environments, and the replay buffer on the training device
+    envs = make_envs(args.env_id, args.num_envs)
+    video = args.capture_video and renders_offscreen(lambda: gym.make(args.env_id, **VIDEO_RENDER))
+    eval_envs = make_envs(args.env_id, args.eval_episodes, video)  # video: the first episode of every evaluation
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = action_bounds(envs.single_action_space)
-    buf = make_buffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
+    buf = make_buffer(args.buffer_size, obs_dim, act_dim, device)
 
     # Models: mu (trained online), the Q ensemble and its EMA target; a checkpoint is restored here and only here
-    mu = (
-        VAEBehaviorModel(obs_dim, low, high)
-        if args.behavior_model == "vae"
-        else BehaviorModel.from_preset(args.behavior_preset, obs_dim, low, high)
-    ).to(device)
+    if args.behavior_model == "vae":
+        mu = VAEBehaviorModel(obs_dim, low, high).to(device)
+    else:
+        mu = BehaviorModel.from_preset(args.behavior_preset, obs_dim, low, high).to(device)
     mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr, fused=True)
     q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
     q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
     models = dict(mu=mu, mu_optimizer=mu_optimizer, q_ensemble=q_ensemble, q_target=q_target, q_optimizer=q_optimizer)
-    obs, _ = envs.reset(seed=args.seed)
-    # where the loop stands: env steps, updates, steps and updates of the current cycle of M, evaluations
-    counters = dict(global_step=0, num_updates=0, cycle_steps=0, cycle_updates=0, work=0, next_eval=args.eval_every)
-    if ckpt:
-        obs = restore_checkpoint(ckpt, models, buf, envs, args)
-        counters = ckpt["counters"]
-    global_step, num_updates, cycle_steps, cycle_updates, work, next_eval = (counters[key] for key in COUNTERS)
-    history = counters.get("history", [])
+    # where the loop stands: env steps, updates, the current cycle's steps and updates, steps + updates; evaluations
+    counters = restore_checkpoint(ckpt, models, buf, args.num_envs) if ckpt else dict.fromkeys(COUNTERS, 0)
+    global_step, num_updates, cycle_steps, cycle_updates, work = (counters[key] for key in COUNTERS)
+    history = counters.get("history", [])  # [env step, mean return] of every evaluation
+    envs.action_space.seed(args.seed + global_step)  # fresh episodes, also on resume
+    obs, _ = envs.reset(seed=args.seed + global_step)
+    ended = np.zeros(args.num_envs, dtype=bool)  # the sub-envs whose episode ended on the last step
     run_dir, writer = open_run_dir(args, ckpt)
-    log(
-        f"{args.env_id}: obs {obs_dim}, actions {act_dim}, M={args.trajectory_batch_size}, N={args.num_samples}, "
-        f"temperature {args.temperature}, device {device}, run {run_dir}"
-        + (f", resuming at step {global_step}" if ckpt else "")
-    )
-
+    resuming = f", resuming at step {global_step}, update {num_updates}" if ckpt else ""
+    log(f"{args.env_id}: obs {obs_dim}, actions {act_dim}, device {device}, run {run_dir}{resuming}")
+    if device.type == "cpu" and args.total_timesteps >= 1_000_000:
+        log("note: Appendix F's configuration takes days on a CPU; see README.md")
     nonfinite_at = torch.full((), -1, device=device)  # the first update whose loss was NaN/Inf; read when logging
 
     def save(done=False):
-        values = (global_step, num_updates, cycle_steps, cycle_updates, work, next_eval)
-        counters = dict(zip(COUNTERS, values, strict=True), history=history, done=done)
-        save_checkpoint(run_dir, counters, models, buf, obs, envs, args, nonfinite_at)
+        counters = dict(zip(COUNTERS, (global_step, num_updates, cycle_steps, cycle_updates, work), strict=True))
+        save_checkpoint(run_dir, counters | dict(history=history, done=done), models, buf, nonfinite_at)
 
     handle_stop_signals()
-    estimate, estimated_rate = estimate_online_run_time(args, device, global_step, mu, q_ensemble, q_target, eval_envs)
-    log(estimate)
-    writer.add_scalar("charts/estimated_SPS", estimated_rate, global_step)
-    flops, (peak, peak_how) = update_flops(args, mu, obs_dim, act_dim), peak_flops(device, args.precision)
-    log(f"MFU: {flops / 1e9:.2f} GFLOP per Q update (not mu's step), peak {peak / 1e12:.2f} TFLOP/s ({peak_how})")
 
     # One update: a maximum-likelihood step of mu, then eq. 10 for the Q ensemble, on two replay batches
     target_mu, target_q = mu, q_target  # in bf16, the target reads bf16 copies (refreshed after every step)
@@ -398,8 +398,8 @@ def main(args: Args):
     def policy(obs, generator):  # Algorithm 1, at temperature 1
         return test_time_policy(mu, q_ensemble, obs, args.num_samples, args.test_ensemble_lambda, generator)
 
-    progress = tqdm(total=args.total_timesteps, initial=global_step, desc="env steps", unit="step", mininterval=1.0)
-    burn_in_end, speed_from, speed_step, postfix = global_step + 10, None, None, {}  # steps/s after a burn-in
+    progress = tqdm(total=args.total_timesteps, initial=global_step, desc="env steps", mininterval=1.0)
+    start_time, start_step = time.time(), global_step  # charts/SPS: env steps per second of this process
     while global_step < args.total_timesteps or cycle_steps > 0:
         # Collect M environment steps with the current policy, frozen while it collects
         while cycle_steps < args.trajectory_batch_size and global_step < args.total_timesteps:
@@ -408,31 +408,23 @@ def main(args: Args):
             else:
                 obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
                 actions = explore(mu, q_ensemble, obs_t, args).cpu().numpy()
-            # the vector env's own flags say which sub-envs this step resets (restored exactly on resume)
-            obs, ended, real, infos = step_and_store(envs, obs, actions, envs.env._autoreset_envs.copy(), buf)
-            for i in np.nonzero(ended & real & infos.get("_episode", np.zeros_like(real)))[0]:
+            obs, ended, real, infos = step_and_store(envs, obs, actions, ended, buf)
+            for i in np.nonzero(ended & infos.get("_episode", ended))[0]:
                 writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
             global_step, cycle_steps, work = global_step + int(real.sum()), cycle_steps + int(real.sum()), work + 1
             progress.update(int(real.sum()))
-            if global_step >= burn_in_end and speed_from is None:
-                speed_from, speed_step, speed_updates = time.time(), global_step, num_updates
-            if global_step >= next_eval:
+            if global_step >= (len(history) + 1) * args.eval_every:
                 frames = [] if video else None
-                returns = evaluate(
-                    policy, eval_envs, eval_envs.single_observation_space, lambda o: o, args.eval_seed, device, frames
-                )
+                space = envs.single_observation_space
+                returns = evaluate(policy, eval_envs, space, lambda o: o, args.eval_seed, device, frames)
                 if frames:
-                    fps = eval_envs.unwrapped.envs[0].metadata.get("render_fps", 30)
-                    write_video(run_dir, writer, f"step_{global_step:08d}", frames, fps, global_step)
+                    write_video(run_dir, f"step_{global_step:07d}", frames, eval_envs.metadata.get("render_fps", 30))
                 history.append([global_step, float(returns.mean())])
                 writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-                writer.add_scalar("eval/episodic_return_std", returns.std(), global_step)
-                postfix["ret"] = f"{returns.mean():.0f}"
-                progress.set_postfix(postfix)
-                next_eval += args.eval_every
+                progress.set_postfix(ret=f"{returns.mean():.0f}")
             if work % args.checkpoint_every == 0:
                 save()
-            stop_if_requested(save, global_step, num_updates, run_dir)
+            stop_if_requested(save, run_dir)
 
         # Then M updates of mu and of the Q ensemble, one per collected step
         learning = global_step >= args.learning_starts and buf["size"] >= args.batch_size
@@ -445,46 +437,40 @@ def main(args: Args):
                 stop_if_nonfinite(nonfinite_at, run_dir)  # host syncs: once per log interval
                 for key, value in metrics.items():
                     writer.add_scalar(f"losses/{key}", value.item(), global_step)
-                if speed_from is not None and global_step > speed_step:
-                    seconds = time.time() - speed_from
-                    writer.add_scalar("charts/SPS", (global_step - speed_step) / seconds, global_step)
-                    mfu = 100 * (num_updates - speed_updates) / seconds * flops / peak  # percent of the measured peak
-                    writer.add_scalar("charts/mfu", mfu, global_step)
-                    postfix["mfu"] = f"{mfu:.2g}%"
-                    progress.set_postfix(postfix)
+                writer.add_scalar("charts/SPS", (global_step - start_step) / (time.time() - start_time), global_step)
             if work % args.checkpoint_every == 0:
                 save()
-            stop_if_requested(save, global_step, num_updates, run_dir)
+            stop_if_requested(save, run_dir)
         cycle_steps, cycle_updates = 0, 0
     progress.close()
 
-    if args.save_model:
-        mu.save(os.path.join(run_dir, "mu.pt"))
-        saved = dict(q_ensemble=q_ensemble.state_dict(), q_target=q_target.state_dict(), config=asdict(args))
-        atomic_save(saved, os.path.join(run_dir, "model.pt"))
-    if args.save_dataset:
-        steps, episodes = save_minari_dataset(args.save_dataset, buf, args.env_id, args.num_envs)
-        log(f"saved {steps} transitions in {episodes} episodes as Minari dataset {args.save_dataset}")
-    save(done=True)
-    envs.close()
-    eval_envs.close()
-    summary = dict(env_id=args.env_id, history=history, num_updates=num_updates)
-    atomic_save(summary, os.path.join(run_dir, "summary.json"))
-    writer.close()
-    last = f"{history[-1][1]:.1f}" if history else "n/a"
-    best = f"{max(h[1] for h in history):.1f}" if history else "n/a"
-    print(
-        f"{args.env_id} | {global_step} env steps, {num_updates} updates | eval return last {last} | best {best} "
-        f"| {run_dir}"
-    )
+    save(done=True)  # the last checkpoint holds the models and the replay buffer (tools/export_replay.py reads it)
+    for closable in (envs, eval_envs, writer):
+        closable.close()
+    atomic_save(dict(env_id=args.env_id, history=history, num_updates=num_updates), f"{run_dir}/summary.json")
+    last = f"{history[-1][1]:.1f} (best {max(h[1] for h in history):.1f})" if history else "n/a"
+    print(f"{args.env_id} | {global_step} env steps, {num_updates} updates | eval return {last} | {run_dir}")
     return {"history": history, "num_updates": num_updates}
 
 
-# ===================================================================================================
-# Run plumbing. A reader can stop here: what follows checks flags, makes the update fast, builds the environments,
-# measures the MFU, records videos, hands the buffer to offline training, writes checkpoints and resumes, and handles
-# signals.
-# ===================================================================================================
+# ----- Helpers of main: checks, logging, speed, the run directory, checkpoints and resume, signals, videos -----------
+POSITIVE = ("trajectory_batch_size", "num_samples", "num_qs", "num_envs", "buffer_size", "batch_size", "q_hidden")
+POSITIVE += ("q_layers", "eval_every", "eval_episodes", "log_every", "checkpoint_every")  # flags that must be >= 1
+
+
+def check_args(args: Args, device) -> Args:
+    """Resolve the 'auto' speed flags, refuse impossible values."""
+    resolve_speed_flags(args, device)
+    for name in POSITIVE:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (0 <= args.ensemble_lambda <= 1 and 0 <= args.test_ensemble_lambda <= 1 and args.temperature > 0):
+        fail("--ensemble-lambda and --test-ensemble-lambda must lie in [0, 1], and --temperature must be > 0")
+    if args.cudagraphs == "on" and (device.type != "cuda" or args.compile == "off"):
+        fail("--cudagraphs on replays the compiled update on a CUDA GPU: it needs --compile on and a GPU")
+    return args
+
+
 def log(message: str):
     """Progress notes go to stderr beside the progress bars; stdout carries only the final summary line."""
     tqdm.write(message, file=sys.stderr)
@@ -503,50 +489,10 @@ def fail(message: str):
     sys.exit(2)
 
 
-def check_args(args: Args, device):
-    resolve_speed_flags(args, device)
-    sizes = (args.num_envs, args.batch_size, args.buffer_size, args.eval_every, args.eval_episodes, args.log_every)
-    problems = [
-        (args.trajectory_batch_size < 1, f"--trajectory-batch-size (M) must be >= 1, got {args.trajectory_batch_size}"),
-        (args.num_samples < 1, f"--num-samples (N) must be >= 1, got {args.num_samples}"),
-        (args.num_qs < 1, f"--num-qs (K) must be >= 1, got {args.num_qs}"),
-        (
-            not 0 <= args.ensemble_lambda <= 1 or not 0 <= args.test_ensemble_lambda <= 1,
-            "--ensemble-lambda and --test-ensemble-lambda must lie in [0, 1]",
-        ),
-        (args.temperature <= 0, f"--temperature must be > 0, got {args.temperature}"),
-        (args.checkpoint_every < 1, "--checkpoint-every must be >= 1"),
-        (
-            min(*sizes, args.q_hidden, args.q_layers) < 1,
-            "--num-envs, --batch-size, --buffer-size, --eval-every, --eval-episodes, --log-every, --q-hidden and "
-            "--q-layers must be >= 1",
-        ),
-        (
-            args.cudagraphs == "on" and device.type != "cuda",
-            "--cudagraphs on needs a CUDA GPU, and this run is on the CPU: drop the flag",
-        ),
-        (
-            args.cudagraphs == "on" and args.compile == "off",
-            "--cudagraphs on replays the compiled update: pass --compile on, or --cudagraphs off",
-        ),
-    ]
-    for bad, message in problems:
-        if bad:
-            fail(message)
-    if args.save_dataset and not args.resume:
-        import minari
-        from minari.dataset.minari_dataset import DATASET_ID_RE
-
-        if not DATASET_ID_RE.fullmatch(args.save_dataset):
-            fail(f"--save-dataset {args.save_dataset!r} is not a Minari id: use (namespace/)name-v<version>")
-        if args.save_dataset in minari.list_local_datasets():
-            fail(f"a Minari dataset {args.save_dataset!r} already exists: pick another --save-dataset id")
-
-
 # ----- speed: bf16 read copies, target chunks, torch.compile and CUDA graphs (as in emaq_offline.py) -------
 def resolve_speed_flags(args, device):
     """'auto' speed flags: bf16 where the device computes it natively (CUDA with bf16, AVX512-BF16 or AMX on a CPU),
-    compile and CUDA graphs on a GPU only (no gain on a CPU; README.md, "Benchmarks")."""
+    compile and CUDA graphs on a GPU only (no gain on a CPU)."""
     if args.precision == "auto":  # torch.cpu's helpers are private: where a build lacks them, assume no native bf16
         cpu_checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         cpu_native = any(getattr(torch.cpu, f, lambda: False)() for f in cpu_checks)
@@ -570,9 +516,8 @@ CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU; see target_sta
 
 
 def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
-    """A frozen copy with bf16 parameters, except the output layers named in `keep_fp32` (they make the compared values,
-    in fp32) and buffers: autocast would cast the fp32 weights again at every call and every chunk; the target reads
-    these, refreshed once per update."""
+    """A frozen copy with bf16 parameters except the output layers `keep_fp32` (they make the compared values, in fp32):
+    autocast would cast the fp32 weights at every call and chunk; the target reads these, refreshed once per update."""
     module = copy.deepcopy(module).requires_grad_(False)
     for name, p in module.named_parameters():
         if name.split(".")[0] not in keep_fp32:
@@ -581,20 +526,15 @@ def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
 
 
 def target_states_per_chunk(args, mu, device) -> int:
-    """Next states per target chunk: as many as half the free memory holds (refused up front if not one), and on a CPU
-    at most CPU_TARGET_ROWS // N: [K, rows, H] activations of a few MB stay in the caches and in malloc's heap, where
-    30-60 MB tensors are mapped and page-faulted afresh at every layer (README.md, "Benchmarks")."""
+    """Next states per target chunk: as many as half the free memory holds (refused if not one); on a CPU at most
+    CPU_TARGET_ROWS // N, so that activations of a few MB stay in the caches (30-60 MB are page-faulted afresh)."""
     per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + mu.floats_per_sample)
     if args.target_memory_gb:
         budget = args.target_memory_gb * 2**30
     elif device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] / 2
     else:
-        try:
-            with open("/proc/meminfo") as f:
-                budget = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable")) / 2
-        except (OSError, StopIteration):
-            budget = 4 * 2**30
+        budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 if hasattr(os, "sysconf") else 2**32
     if per_state > budget:
         fail(
             f"the EMaQ target needs {per_state / 2**30:.2f} GiB per state for N={args.num_samples}, more than the "
@@ -605,9 +545,9 @@ def target_states_per_chunk(args, mu, device) -> int:
 
 
 def compile_update(update, args):
-    """torch.compile the update (mode reduce-overhead: one CUDA graph per update) when asked; if compiling fails
-    (no C++ compiler, no Triton, an unsupported op), warn once and go on eagerly (a real error recurs eagerly)."""
-    if args.compile != "on":  # "auto" was resolved by check_args
+    """torch.compile the update (reduce-overhead: one CUDA graph per update); if compiling fails (no C++ compiler, no
+    Triton, an unsupported op), warn once and go on eagerly (a real error recurs eagerly)."""
+    if args.compile != "on":
         return update
     compiled = torch.compile(update, mode="reduce-overhead" if args.cudagraphs == "on" else None, dynamic=False)
 
@@ -620,280 +560,17 @@ def compile_update(update, args):
         except Exception as e:
             if compiled is update:
                 raise
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
-            log(f"warning: torch.compile failed ({reason}); continuing eagerly")
+            log(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:150]}); continuing eagerly")
             compiled = update
             return update(*batches)
 
     return compiled_update
 
 
-# ----- what a run costs: the estimate before it starts, the MFU of the Q update (charts/mfu) -----------
-def estimate_online_run_time(args, device, global_step: int, mu, q_ensemble, q_target, eval_envs) -> tuple[str, float]:
-    """Time a few updates (mu's step and the Q update), exploration and evaluation steps, on copies of the models and
-    random batches of the right shapes, with the random streams restored afterwards (the training environments are
-    not stepped), and return one line with the expected wall time of what is left, and the update rate."""
-    fmt = human_duration
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        obs_dim, act_dim = mu.obs_dim, mu.act_dim
-        mu_copy, q_copy, q_target_copy = copy.deepcopy(mu), copy.deepcopy(q_ensemble), copy.deepcopy(q_target)
-        mu_optimizer = torch.optim.Adam(mu_copy.parameters(), lr=args.behavior_lr)
-        q_optimizer = torch.optim.Adam(q_copy.parameters(), lr=args.q_lr)
-        target_mu, target_q = mu_copy, q_target_copy
-        if args.precision == "bf16":
-            target_mu, target_q = bf16_copy(mu_copy, MU_OUTPUT), bf16_copy(q_target_copy, Q_OUTPUT)
-        chunk = target_states_per_chunk(args, mu_copy, device)
-        b = args.batch_size
-        actions = mu.low + (mu.high - mu.low) * torch.rand(b, act_dim, device=device)
-        batch = [torch.randn(b, obs_dim, device=device), actions, torch.zeros(b, device=device)]
-        batch += [torch.randn(b, obs_dim, device=device), torch.zeros(b, device=device)]
-
-        def update():
-            with autocast(args.precision, device):
-                nll = mu_copy.loss(batch[0], batch[1])
-            mu_optimizer.zero_grad(set_to_none=True)
-            nll.backward()
-            mu_optimizer.step()
-            emaq_update(batch, target_mu, target_q, q_copy, q_target_copy, q_optimizer, args, chunk)
-
-        update_rate = timed_rate(update, device)
-        explore_obs = torch.randn(args.num_envs, obs_dim, device=device)
-        explore_rate = timed_rate(lambda: explore(mu_copy, q_copy, explore_obs, args).cpu(), device)
-        eval_obs = torch.as_tensor(eval_envs.reset(seed=args.eval_seed)[0], dtype=torch.float32, device=device)
-        eval_action = test_time_policy(mu_copy, q_copy, eval_obs, args.num_samples, args.test_ensemble_lambda)
-        eval_rate = timed_rate(
-            lambda: (
-                test_time_policy(mu_copy, q_copy, eval_obs, args.num_samples, args.test_ensemble_lambda).cpu(),
-                eval_envs.step(eval_action.cpu().numpy()),
-            ),
-            device,
-        )
-    steps_left = args.total_timesteps - global_step
-    learning_steps = max(0, min(steps_left, args.total_timesteps - max(args.learning_starts, args.batch_size)))
-    update_seconds = learning_steps / update_rate  # one update per collected step
-    explore_seconds = learning_steps / args.num_envs / explore_rate
-    evaluations = steps_left // args.eval_every
-    spec = eval_envs.unwrapped.envs[0].spec
-    eval_seconds = evaluations * spec.max_episode_steps / eval_rate if spec and spec.max_episode_steps else 0
-    total = update_seconds + explore_seconds + eval_seconds
-    line = f"estimate on {device.type} ({args.precision}"
-    line += ", measured eagerly: compiled updates are faster)" if args.compile == "on" else ")"
-    line += f": {learning_steps:,} updates {fmt(update_seconds)} ({update_rate:.1f} upd/s), exploration"
-    line += f" {fmt(explore_seconds)} (N = {args.num_samples}), {evaluations} evaluations up to {fmt(eval_seconds)}"
-    line += f" ({100 * eval_seconds / max(total, 1e-9):.0f}%): {fmt(total)}, environment steps not counted"
-    return line, update_rate
-
-
-def timed_rate(step, device, min_steps: int = 3, min_seconds: float = 0.5, max_steps: int = 50) -> float:
-    """Steps per second of `step()`, after one warm-up call."""
-    step()
-    synchronize(device)
-    start, steps = time.perf_counter(), 0
-    while steps < min_steps or (time.perf_counter() - start < min_seconds and steps < max_steps):
-        step()
-        steps += 1
-        synchronize(device)
-    return steps / (time.perf_counter() - start)
-
-
-def human_duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"
-
-
-def update_flops(args, mu, obs_dim: int, act_dim: int) -> int:
-    """Matmul FLOPs of one EMaQ update, counted as benchmarks/bench_update.py counts them: mu's N samples for B next
-    states, the K target networks on B x N pairs (their state part once per state), and the K online networks'
-    forward and backward (3 x forward) on B pairs."""
-    b, n, k, h = args.batch_size, args.num_samples, args.num_qs, args.q_hidden
-    hidden = (args.q_layers - 1) * h * h + h
-    target = 2 * k * (b * obs_dim * h + b * n * (act_dim * h + hidden))
-    online = 3 * 2 * k * b * ((obs_dim + act_dim) * h + hidden)
-    return mu.sample_flops(b, n) + target + online
-
-
-def peak_flops(device, precision: str) -> tuple[float, str]:
-    """The device's dense matmul rate in the run's precision, measured once with a short matmul (nanoGPT takes the
-    card's datasheet number instead; a measurement also holds for CPUs and shared machines). (FLOP/s, how)."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    size = 8192 if device.type == "cuda" else 1024
-    generator = torch.Generator(device).manual_seed(0)  # its own: the run's random streams never move
-    a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator) for _ in range(2))
-    rate = timed_rate(lambda: a @ b, device, min_steps=1, min_seconds=0.2, max_steps=1000)  # products per second
-    return 2 * size**3 * rate, f"measured: {size}x{size} {str(dtype).split('.')[-1]} matmul"
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ----- videos of evaluation episodes (--capture-video) -------------------------------------------------
-VIDEO_RENDER = dict(render_mode="rgb_array", width=320, height=240)  # mp4 encoders want multiples of 16
-
-
-def video_unavailable(make_render_env) -> bool:
-    """Whether the evaluation environment cannot render offscreen here; if so, say why in one line (the run goes on
-    without videos). Without a display, MuJoCo renders with EGL (a GPU's, or Mesa's software renderer on a CPU),
-    unless MUJOCO_GL says otherwise."""
-    problem = video_renderer_problem(make_render_env)
-    if problem:
-        log(
-            f"note: --capture-video: no videos, the environment cannot render here ({problem}); MUJOCO_GL=egl needs "
-            "libEGL (a GPU's driver or Mesa), MUJOCO_GL=osmesa needs libOSMesa; the run goes on without videos"
-        )
-    return problem is not None
-
-
-def video_renderer_problem(make_render_env) -> str | None:
-    """None if the evaluation environment renders offscreen here, else why not, in a few words."""
-    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-        os.environ["MUJOCO_GL"] = "egl"
-    env, problem = None, None
-    # a renderer that fails half-way complains when its objects are freed: keep those complaints quiet here
-    hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None
-    try:
-        import imageio.v2  # noqa: F401
-        import imageio_ffmpeg  # noqa: F401
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            env = make_render_env()
-            env.reset(seed=0)
-            frame = env.render()
-        if frame is None or frame.shape[:2] != (VIDEO_RENDER["height"], VIDEO_RENDER["width"]):
-            problem = "its render() returned no frame of the asked size"
-    except Exception as e:
-        problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no message'}"
-    try:
-        if env is not None:
-            env.close()
-    except Exception:
-        pass
-    env = None
-    gc.collect()
-    sys.unraisablehook = hook
-    return problem
-
-
-def write_video(run_dir, writer, name: str, frames: list, fps: float, step: int):
-    """The frames as runs/<run>/videos/<name>.mp4, and as a small animated GIF in TensorBoard (eval/video): at most
-    100 frames at half size, so that a long run's event file stays small."""
-    import imageio.v2 as imageio
-    from PIL import Image
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
-    path = os.path.join(run_dir, "videos", f"{name}.mp4")
-    imageio.mimwrite(path + ".tmp.mp4", frames, fps=fps, macro_block_size=16)
-    os.replace(path + ".tmp.mp4", path)
-    stride = max(1, -(-len(frames) // 100))
-    small = [Image.fromarray(f).reduce(2) for f in frames[::stride]]
-    gif = io.BytesIO()
-    small[0].save(gif, format="GIF", save_all=True, append_images=small[1:], duration=1000 * stride / fps, loop=0)
-    image = Summary.Image(
-        height=small[0].height, width=small[0].width, colorspace=3, encoded_image_string=gif.getvalue()
-    )
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), step)
-
-
-# ----- environments, and the hand-off to offline training ------------------------------------------------
-def make_envs(env_id: str, num: int, seed: int, video: bool = False):
-    """A vector env (Gymnasium 1.x, autoreset on the step after an episode ends), refusing what EMaQ cannot handle;
-    with `video`, the first sub-environment renders its frames."""
-
-    def make_env(index):
-        def thunk():
-            env = gym.make(env_id, **(VIDEO_RENDER if video and index == 0 else {}))
-            env.action_space.seed(seed + index)
-            return env
-
-        return thunk
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            envs = gym.vector.SyncVectorEnv([make_env(i) for i in range(num)])
-        envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-    except gym.error.Error as e:
-        fail(f"cannot make environment {env_id!r}: {e}. Check the id (gymnasium.pprint_registry() lists them)")
-    try:
-        action_bounds(envs.single_action_space)
-    except ValueError as e:
-        fail(f"environment {env_id}: {e}")
-    if not isinstance(envs.single_observation_space, gym.spaces.Box):
-        fail(f"environment {env_id} has {envs.single_observation_space} observations: wrap it in FlattenObservation")
-    return envs
-
-
-# D4RL's reference returns (random policy, expert), attached to saved datasets of these environment families.
-D4RL_REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-}
-
-
-def save_minari_dataset(dataset_id: str, buf, env_id: str, num_envs: int):
-    """Rebuild each environment's episodes (T+1 observations, T actions) from the buffer and write a Minari dataset."""
-    import minari
-    from minari.data_collector.episode_buffer import EpisodeBuffer
-
-    order = (torch.arange(buf["size"]) + (buf["ptr"] if buf["size"] == len(buf["obs"]) else 0)) % len(buf["obs"])
-    keys = ("obs", "actions", "rewards", "next_obs", "terminals", "truncated", "env")
-    rows = {key: buf[key][order.to(buf["obs"].device)].cpu().numpy() for key in keys}
-    episodes = []
-    for env_index in range(num_envs):
-        idx = np.nonzero(rows["env"] == env_index)[0]
-        ends = np.nonzero(rows["terminals"][idx] + rows["truncated"][idx])[0].tolist()
-        if not ends or ends[-1] != len(idx) - 1:
-            ends.append(len(idx) - 1)  # the running episode ends here, truncated
-        start = 0
-        for end in ends:
-            ep = idx[start : end + 1]
-            truncations = rows["truncated"][ep].astype(bool)
-            truncations[-1] = not rows["terminals"][ep[-1]]
-            episode = EpisodeBuffer(
-                id=len(episodes),
-                observations=np.concatenate([rows["obs"][ep[:1]], rows["next_obs"][ep]]),
-                actions=rows["actions"][ep],
-                rewards=rows["rewards"][ep].tolist(),
-                terminations=rows["terminals"][ep].astype(bool).tolist(),
-                truncations=truncations.tolist(),
-            )
-            episodes.append(episode)
-            start = end + 1
-    family = env_id.split("-")[0].lower()
-    scores = (
-        dict(zip(("ref_min_score", "ref_max_score"), D4RL_REF_SCORES[family], strict=True))
-        if family in D4RL_REF_SCORES
-        else {}
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        minari.create_dataset_from_buffers(
-            dataset_id,
-            episodes,
-            env=env_id,
-            algorithm_name="EMaQ online (emaq_online.py)",
-            author="emaq_online.py",
-            author_email="none",
-            code_permalink="emaq_online.py",
-            description=f"Every transition collected by online EMaQ in {env_id}.",
-            **scores,
-        )
-    return sum(len(e.rewards) for e in episodes), len(episodes)
-
-
 # ----- run directory, checkpoints, resume, signals -------------------------------------------------------
 def open_run_dir(args: Args, ckpt):
     """runs_dir/<env>__<exp_name>__<seed>__<time>, or the resumed run's; config.json and the TensorBoard writer."""
-    run_dir = args.resume or os.path.join(
-        args.runs_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    )
+    run_dir = args.resume or f"{args.runs_dir}/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     try:
         os.makedirs(run_dir, exist_ok=True)
         atomic_save(asdict(args), os.path.join(run_dir, "config.json"))  # a resumed run may have a new total
@@ -908,18 +585,16 @@ def open_run_dir(args: Args, ckpt):
 
 def atomic_save(obj, path: str):
     """Write a temporary file beside `path`, then rename it: a crash or a full disk never leaves a torn file."""
-    tmp = f"{path}.tmp"
     try:
         if path.endswith(".json"):
-            with open(tmp, "w") as f:
+            with open(f"{path}.tmp", "w") as f:
                 json.dump(obj, f, indent=2)
         else:
-            torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            torch.save(obj, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    finally:
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
 
 
 def rng_state() -> dict:
@@ -942,77 +617,19 @@ def set_rng_state(state: dict):
     random.setstate((state["python"][0], tuple(state["python"][1].tolist()), state["python"][2]))
 
 
-def env_state(envs) -> dict:
-    """The vector env's exact state: MuJoCo's integration state (mj_getState), time limits, RNGs, autoreset flags,
-    episode statistics. Non-MuJoCo environments keep their RNGs only; their running episodes restart on resume."""
-    import mujoco
-
-    subs = []
-    for env in envs.env.envs:
-        u, sub = env.unwrapped, {"np_random": json.dumps(env.unwrapped.np_random.bit_generator.state)}
-        if hasattr(u, "model") and hasattr(u, "data"):
-            full = np.empty(mujoco.mj_stateSize(u.model, mujoco.mjtState.mjSTATE_INTEGRATION))
-            mujoco.mj_getState(u.model, u.data, full, mujoco.mjtState.mjSTATE_INTEGRATION)
-            sub["mujoco"] = torch.from_numpy(full)
-        wrapper = env
-        while isinstance(wrapper, gym.Wrapper):
-            if isinstance(wrapper, gym.wrappers.TimeLimit):
-                sub["elapsed_steps"] = int(wrapper._elapsed_steps)
-            wrapper = wrapper.env
-        subs.append(sub)
-    return {
-        "subs": subs,
-        "autoreset": torch.from_numpy(envs.env._autoreset_envs.copy()),
-        "episode_returns": torch.from_numpy(envs.episode_returns.copy()),
-        "episode_lengths": torch.from_numpy(envs.episode_lengths.copy()),
-        "prev_dones": torch.from_numpy(envs.prev_dones.copy()),
-        "episode_count": int(envs.episode_count),
-        "action_space": json.dumps(envs.action_space.np_random.bit_generator.state),
-    }
-
-
-def set_env_state(envs, state: dict) -> bool:
-    """Restore env_state(); returns False when a running episode could not be restored exactly (not MuJoCo)."""
-    import mujoco
-
-    exact = True
-    for env, sub in zip(envs.env.envs, state["subs"], strict=True):
-        u = env.unwrapped
-        u.np_random.bit_generator.state = json.loads(sub["np_random"])
-        if "mujoco" in sub:
-            mujoco.mj_setState(u.model, u.data, sub["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
-        else:
-            exact = False
-        wrapper = env
-        while isinstance(wrapper, gym.Wrapper):
-            if isinstance(wrapper, gym.wrappers.TimeLimit):
-                wrapper._elapsed_steps = sub["elapsed_steps"]
-            wrapper = wrapper.env
-    envs.env._autoreset_envs[:] = state["autoreset"].numpy()
-    envs.episode_returns[:], envs.episode_lengths[:] = (
-        state["episode_returns"].numpy(),
-        state["episode_lengths"].numpy(),
-    )
-    envs.prev_dones[:], envs.episode_count = state["prev_dones"].numpy(), state["episode_count"]
-    envs.action_space.np_random.bit_generator.state = json.loads(state["action_space"])
-    return exact
-
-
-def save_checkpoint(run_dir, counters: dict, models: dict, buf, obs, envs, args: Args, nonfinite_at):
-    """Models, optimizers, the replay buffer, RNGs, the environments' exact state and the loop's counters. Never a
-    state that went NaN/Inf: the previous checkpoint stays the last good one."""
+def save_checkpoint(run_dir, counters: dict, models: dict, buf: dict, nonfinite_at):
+    """Models, optimizers, the filled part of the replay buffer, the RNGs and the loop's counters; never a state that
+    went NaN/Inf (the previous checkpoint stays the last good one)."""
     stop_if_nonfinite(nonfinite_at, run_dir)
-    state = {key: module.state_dict() for key, module in models.items()}
-    state.update(counters=counters, obs=torch.from_numpy(obs), envs=env_state(envs), rng=rng_state(), buffer=buf)
+    state = {key: module.state_dict() for key, module in models.items()} | dict(counters=counters, rng=rng_state())
+    state["buffer"] = {
+        k: v[: buf["size"]].clone() if torch.is_tensor(v) else v for k, v in buf.items()
+    }  # its rows only
     try:
         atomic_save(state, os.path.join(run_dir, "checkpoint.pt"))
-        meta = {"global_step": counters["global_step"], "num_updates": counters["num_updates"]}
-        atomic_save(meta, os.path.join(run_dir, "checkpoint.json"))
+        atomic_save({key: counters[key] for key in COUNTERS[:2]}, os.path.join(run_dir, "checkpoint.json"))
     except OSError as e:
-        fail(
-            f"could not write a checkpoint into {run_dir} ({e.strerror}); {last_checkpoint(run_dir)} is intact: "
-            f"free some space, then resume with: python emaq_online.py --resume {run_dir}"
-        )
+        fail(f"could not write a checkpoint into {run_dir} ({e.strerror}); {last_checkpoint(run_dir)} is intact")
 
 
 def last_checkpoint(run_dir) -> str:
@@ -1033,69 +650,57 @@ def stop_if_nonfinite(nonfinite_at: torch.Tensor, run_dir):
         )
 
 
-def resolve_resume(args: Args):
-    """--resume: the saved run's flags and its checkpoint. A flag that changes what is computed is refused; speed flags
-    may change, and a larger --total-timesteps extends the run (also a finished one)."""
-    if not args.resume:
-        return args, None
+def read_config(run_dir: str) -> Args:
+    """The flags of the run in `run_dir` (its config.json)."""
     try:
-        with open(os.path.join(args.resume, "config.json")) as f:
-            saved = Args(**json.load(f))
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
     except (OSError, ValueError, TypeError) as e:
-        fail(f"{args.resume} is not a run directory of emaq_online.py ({e}); pass runs/<run name>")
-    defaults, free = Args(), {"resume", "cuda", "compile", "cudagraphs", "target_memory_gb", "total_timesteps"}
+        fail(f"{run_dir} is not a run directory of emaq_online.py ({e}); pass runs/<run name>")
+
+
+def load_checkpoint(args: Args) -> dict:
+    """--resume: the run's checkpoint. A flag whose value differs from the run's is refused, except the speed flags and
+    --total-timesteps (a larger one extends the run, also a finished one)."""
+    saved, free = read_config(args.resume), ("resume", "cuda", "compile", "cudagraphs", "target_memory_gb")
     conflicts = [
         f"--{f.name.replace('_', '-')} {getattr(args, f.name)} (the run has {getattr(saved, f.name)})"
         for f in dataclasses.fields(Args)
-        if f.name not in free and getattr(args, f.name) not in (getattr(defaults, f.name), getattr(saved, f.name))
+        if f.name not in (*free, "total_timesteps") and getattr(args, f.name) != getattr(saved, f.name)
     ]
     if conflicts:
         fail(f"cannot resume {args.resume} with {', '.join(conflicts)}: resume without them, or start a new run")
-    extend = args.total_timesteps != defaults.total_timesteps
-    speed = {key: getattr(args, key) for key in free - {"total_timesteps"}}
-    total = args.total_timesteps if extend else saved.total_timesteps
-    args = dataclasses.replace(saved, **speed, total_timesteps=total)
     path = os.path.join(args.resume, "checkpoint.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in ("counters", "envs", "buffer", "rng", "mu", "q_ensemble") if k not in ckpt]
-        if missing:
-            raise KeyError(f"missing {missing}")
+        steps, done = ckpt["counters"]["global_step"], ckpt["counters"]["done"]
     except FileNotFoundError:
         fail(f"{args.resume} has no checkpoint.pt yet (one comes every --checkpoint-every steps): start a new run")
     except Exception as e:
-        fail(
-            f"{path} is truncated or not a checkpoint of emaq_online.py ({type(e).__name__}); nothing was "
-            f"overwritten: resume from a copy of the run, or start a new run"
-        )
-    if ckpt["counters"]["done"] and args.total_timesteps <= ckpt["counters"]["global_step"]:
-        fail(
-            f"the run in {args.resume} already finished; extend it with a larger --total-timesteps, or start a new run"
-        )
-    if args.total_timesteps < ckpt["counters"]["global_step"]:
-        fail(f"--total-timesteps {args.total_timesteps} is below the run's {ckpt['counters']['global_step']} steps")
-    return args, ckpt
+        fail(f"{path} is truncated or not a checkpoint of emaq_online.py ({type(e).__name__}): start a new run")
+    if done and args.total_timesteps <= steps:
+        fail(f"the run in {args.resume} already finished: extend it with a larger --total-timesteps")
+    if args.total_timesteps < steps:
+        fail(f"--total-timesteps {args.total_timesteps} is below the run's {steps} steps: pass a larger one")
+    return ckpt
 
 
-def restore_checkpoint(ckpt: dict, models: dict, buf: dict, envs, args: Args):
-    """Models, optimizers, the replay buffer (into a larger one when the run is extended), the environments and the
-    RNGs; returns the current observations."""
+def restore_checkpoint(ckpt: dict, models: dict, buf: dict, num_envs: int) -> dict:
+    """Models, optimizers, the replay buffer and the RNGs, exactly; returns the loop's counters. The run goes on in
+    fresh environments: the episode each one had running ends at its newest stored transition, now marked truncated,
+    so that no transition joins two episodes."""
     for key, module in models.items():
         module.load_state_dict(ckpt[key])
-    saved = ckpt["buffer"]
-    size, capacity = saved["size"], len(saved["obs"])
-    oldest_first = (torch.arange(size) + (saved["ptr"] if size == capacity else 0)) % capacity
-    same = capacity == len(buf["obs"])  # then row for row, as it was: the same rows give the same batches
-    for key, value in saved.items():
+    for key, value in ckpt["buffer"].items():  # row for row, as it was
         if torch.is_tensor(value):
-            buf[key][:size] = (value if same else value[oldest_first]).to(buf[key].device)[:size]
-    buf["size"], buf["ptr"] = size, saved["ptr"] if same else size % len(buf["obs"])
-    obs = ckpt["obs"].numpy()
-    if not set_env_state(envs, ckpt["envs"]):
-        log("note: this environment's running episodes cannot be restored exactly (not MuJoCo); they restart")
-        obs, _ = envs.reset(seed=args.seed + ckpt["counters"]["global_step"])
+            buf[key][: len(value)] = value.to(buf[key].device)
+    buf["size"], buf["ptr"] = ckpt["buffer"]["size"], ckpt["buffer"]["ptr"]
+    order = replay_order(buf)
+    for i in range(num_envs):
+        newest = order[buf["env"][order] == i][-1:]
+        buf["truncated"][newest] = torch.maximum(buf["truncated"][newest], 1 - buf["terminals"][newest])
     set_rng_state(ckpt["rng"])
-    return obs
+    return ckpt["counters"]
 
 
 STOP = {"signal": None}  # set by SIGINT/SIGTERM; the training loops checkpoint and exit at the next update
@@ -1106,16 +711,54 @@ def handle_stop_signals():
         signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))
 
 
-def stop_if_requested(save, global_step: int, num_updates: int, run_dir):
+def stop_if_requested(save, run_dir):
     if STOP["signal"] is not None:
         save()
         close_progress_bars()
-        log(
-            f"stopped by signal {STOP['signal']} at env step {global_step}, update {num_updates}: checkpoint written. "
-            f"Resume with: python emaq_online.py --resume {run_dir}"
-        )
+        log(f"stopped by signal {STOP['signal']}, checkpoint written; resume: python emaq_online.py --resume {run_dir}")
         sys.exit(130)
 
 
+# ----- videos (--capture-video): the first episode of every evaluation, as mp4 ---------------------------
+VIDEO_RENDER = dict(render_mode="rgb_array", width=320, height=240)  # mp4 encoders want multiples of 16
+
+
+def renders_offscreen(make_render_env) -> bool:
+    """Whether the evaluation environment renders here; if not, one line says why and the run goes on without videos.
+    Without a display, MuJoCo renders with EGL (a GPU's, or Mesa's software renderer), unless MUJOCO_GL is set."""
+    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+        os.environ["MUJOCO_GL"] = "egl"
+    hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None  # a half-built renderer complains when freed
+    try:
+        import imageio_ffmpeg  # noqa: F401  (the mp4 writer)
+
+        env = make_render_env()
+        env.reset(seed=0)
+        frame, _ = env.render(), env.close()
+        if frame is None:
+            raise RuntimeError("render() returned no frame")
+        return True
+    except Exception as e:
+        why = f"{type(e).__name__}: {(str(e).splitlines() or ['no message'])[0][:120]}"
+        log(
+            f"note: --capture-video: no videos, the environment cannot render here ({why}); MUJOCO_GL=egl needs "
+            "libEGL (a GPU's driver or Mesa), MUJOCO_GL=osmesa needs libOSMesa; the run goes on without videos"
+        )
+        return False
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
+
+
+def write_video(run_dir: str, name: str, frames: list, fps: float):
+    """runs/<run>/videos/<name>.mp4, written beside and renamed into place."""
+    import imageio.v2 as imageio
+
+    path = os.path.join(run_dir, "videos", f"{name}.mp4")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    imageio.mimwrite(path + ".tmp.mp4", frames, fps=fps, macro_block_size=16)
+    os.replace(path + ".tmp.mp4", path)
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli())

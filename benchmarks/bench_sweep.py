@@ -68,7 +68,6 @@ if __name__ == "__main__":
         "100",
         "--checkpoint-every",
         "1000",
-        "--delta-ns",
     ]
     print(f"CPU: {cpu_model()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(

@@ -77,10 +77,8 @@ PAPER_NS = {
     "antmaze": (50, 100, 150, 200),
     "adroit": (16, 32, 64, 128),
 }
-# Flags that change mu (its training or its data): a grid over one of them gets one mu per value, not one per dataset.
-MU_FLAGS = {"preset", "normalize-obs", "behavior-lr", "behavior-holdout", "behavior-updates", "batch-size", "precision"}
 # Flags the sweep sets itself for every run.
-OWN_FLAGS = {"dataset-id", "seed", "runs-dir", "num-samples", "behavior-path", "resume", "evaluate-run"}
+OWN_FLAGS = {"dataset-id", "seed", "runs-dir", "num-samples", "behavior-path", "resume"}
 
 
 def fail(message: str):
@@ -135,19 +133,29 @@ def flag_tokens(text: str) -> list:
     return tokens
 
 
+def mu_flags() -> set:
+    """The flags that decide what mu is (its data, architecture or training), emaq_offline.MU_ARGS as flags: a grid
+    over one of them gets one mu per value. Imported when a grid needs them: emaq_offline loads torch."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import emaq_offline
+
+    return {name.replace("_", "-") for name in emaq_offline.MU_ARGS}
+
+
 def plan(args: Args) -> list:
     """Every run of the sweep, each dataset's mu before the runs that load it."""
     axes = []
     for axis in args.grid:
         flag, _, values = axis.partition("=")
-        flag = flag.strip().lstrip("-")
+        flag = flag.strip().lstrip("-").replace("_", "-")
         if not flag or not values or flag in OWN_FLAGS:
             fail(
                 f"error: --grid {axis!r}: write 'flag=v1,v2' with a flag of emaq_offline.py other than "
                 f"{', '.join(sorted(OWN_FLAGS))}"
             )
         axes.append([(flag, value.strip()) for value in values.split(",")])
-    fixed = flag_tokens(args.flags)
+    fixed, of_mu = flag_tokens(args.flags), mu_flags() if axes else set()
 
     def argv(dataset_id, seed, combo):
         return ["--dataset-id", dataset_id, "--seed", str(seed), *fixed, *grid_argv(combo)]
@@ -156,9 +164,9 @@ def plan(args: Args) -> list:
     for dataset_id in args.datasets:
         root, mus = os.path.join(os.path.abspath(args.sweep_dir), "runs", slug(dataset_id)), {}
         for combo in itertools.product(*axes):
-            mu_grid = tuple((f, v) for f, v in combo if f in MU_FLAGS)
+            mu_grid = tuple((f, v) for f, v in combo if f in of_mu)
             if mu_grid not in mus:
-                mu_argv = argv(dataset_id, args.mu_seed, mu_grid) + ["--total-updates", "0", "--delta-ns"]
+                mu_argv = argv(dataset_id, args.mu_seed, mu_grid) + ["--total-updates", "0"]
                 mu_dir = os.path.join(root, slug("mu" + grid_name(mu_grid)))
                 mus[mu_grid] = Run(dataset_id, None, args.mu_seed, mu_grid, mu_dir, mu_argv)
                 runs.append(mus[mu_grid])
@@ -194,7 +202,7 @@ def run_state(cell_dir: str):
 # ---------------------------------------------------------------------------------------------------
 def execute(spec: dict, mu: dict | None, *after) -> dict:
     """Run (or resume) one emaq_offline.py run and wait for it. `mu` is its dataset's mu run, already finished;
-    `after` are runs it must wait for (mu runs that generate the same dataset). Safe to retry: it resumes."""
+    `after` are runs it must wait for (the mu run that generates its dataset). Safe to retry: it resumes."""
     started, result = time.time(), {"status": "failed", "resumed": False}
     if mu is not None and mu["status"] != "finished":
         return {**result, "status": "not run", "message": f"its mu did not finish ({mu['status']})", "started": started}
@@ -327,11 +335,15 @@ def minari_root() -> str:
     return os.path.abspath(os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets")))
 
 
+def to_generate(dataset_ids) -> list:
+    """The generated datasets not yet in the Minari folder: the first mu run of each writes it."""
+    return [d for d in dataset_ids if GENERATED.fullmatch(d) and not os.path.isdir(os.path.join(minari_root(), d))]
+
+
 def check_datasets(dataset_ids):
     """A generated dataset that is missing is written by its mu run: the Minari folder must be writable (and not
     marked read-only: root may write anywhere, but a folder without write bits is someone's read-only copy)."""
-    root = minari_root()
-    missing = [d for d in dataset_ids if GENERATED.fullmatch(d) and not os.path.isdir(os.path.join(root, d))]
+    root, missing = minari_root(), to_generate(dataset_ids)
     folder = root if os.path.exists(root) else os.path.dirname(root)
     if missing and not (os.access(folder, os.W_OK) and os.stat(folder).st_mode & stat.S_IWUSR):
         fail(
@@ -364,6 +376,7 @@ def run_on_ray(args: Args, runs: list, todo: list):
     )
 
     refs, generating, submitted, todo_dirs = {}, {}, time.time(), {run.dir for run in todo}
+    missing = set(to_generate(args.datasets))  # the other mu runs of such a dataset wait for the first, which makes it
     for run in runs:  # mu runs come before the runs that load them
         key = run.dir
         if key not in todo_dirs:
@@ -373,8 +386,8 @@ def run_on_ray(args: Args, runs: list, todo: list):
         spec = dict(dir=run.dir, argv=run.argv, python=args.python, env=env, tail_lines=args.tail_lines)
         after = [generating[run.dataset_id]] if run.n is None and run.dataset_id in generating else []
         refs[key] = task.remote(spec, refs[run.mu.dir] if run.mu else None, *after)
-        if run.n is None:
-            generating[run.dataset_id] = refs[key]
+        if run.n is None and run.dataset_id in missing:
+            generating.setdefault(run.dataset_id, refs[key])
     pending = {refs[run.dir]: run for run in todo}
     failed = 0
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="sweep", unit="run", dynamic_ncols=True)
@@ -435,8 +448,8 @@ def report(run: Run, result: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # config.json fields that never make two runs' results differ in kind (or that the sweep sets per run).
 NOT_GRID = set(
-    "seed runs_dir resume behavior_path cuda compile cudagraphs exp_name evaluate_run target_memory_gb "
-    "checkpoint_every log_every save_model num_samples dataset_id behavior_updates".split()
+    "seed runs_dir resume behavior_path cuda compile cudagraphs exp_name target_memory_gb checkpoint_every log_every "
+    "num_samples dataset_id".split()
 )
 
 
@@ -457,15 +470,22 @@ def interval_estimates(scores: np.ndarray, reps: int, seed: int = 0):
     from rliable import library as rly
     from rliable import metrics
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        point, ci = rly.get_interval_estimates(
-            {"x": np.asarray(scores, dtype=np.float64)},
-            lambda s: np.array([metrics.aggregate_mean(s), metrics.aggregate_iqm(s)]),
-            reps=reps,
-            confidence_interval_size=0.95,
-            random_state=np.random.RandomState(seed),
-        )
+    # rliable's stratified bootstrap draws its resamples from numpy's global generator, whatever random_state says:
+    # seeded here, and given back as it was, the same runs give the same intervals in every process
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            point, ci = rly.get_interval_estimates(
+                {"x": np.asarray(scores, dtype=np.float64)},
+                lambda s: np.array([metrics.aggregate_mean(s), metrics.aggregate_iqm(s)]),
+                reps=reps,
+                confidence_interval_size=0.95,
+                random_state=np.random.RandomState(seed),
+            )
+    finally:
+        np.random.set_state(saved)
     return {"mean": point["x"][0], "iqm": point["x"][1]}, {"mean": ci["x"][:, 0], "iqm": ci["x"][:, 1]}
 
 
@@ -483,8 +503,16 @@ def interval_columns(point: dict, ci: dict) -> dict:
 def summarize(sweep_dir: str, reps: int):
     """Rows of results.csv: per (dataset, grid values, N) and, over datasets with normalized scores, per (grid, N)."""
     runs = load_runs(sweep_dir)
-    mus = {os.path.basename(r["dir"]): r for r in runs if r["config"]["total_updates"] == 0}
+    mus = {os.path.realpath(r["dir"]): r for r in runs if r["config"]["total_updates"] == 0}
     emaq = [r for r in runs if r["config"]["total_updates"] > 0 and r["summary"]["history"]]
+    # The mu run each run loaded (--behavior-path), found by its whole path: run folders' names are unique only within
+    # their cell, and a grid over a flag of MU_ARGS starts its mu runs together, often within the same second. A run
+    # that loads mu says --behavior-updates 0: the updates that made its mu are its mu run's.
+    for r in emaq:
+        path = r["config"]["behavior_path"]
+        r["mu"] = mus.get(os.path.realpath(os.path.dirname(path))) if path else None
+        if r["mu"]:
+            r["config"] = {**r["config"], "behavior_updates": r["mu"]["config"]["behavior_updates"]}
     values = lambda key: {json.dumps(r["config"].get(key)) for r in emaq}  # noqa: E731
     grid_keys = sorted(k for k in {k for r in emaq for k in r["config"]} - NOT_GRID if len(values(k)) > 1)
     groups = {}
@@ -498,8 +526,8 @@ def summarize(sweep_dir: str, reps: int):
         col, metric = (2, group[0]["summary"]["score_tag"]) if scored else (1, "return")
         last = np.array([r["summary"]["history"][-1][col] for r in group])
         best = np.array([max(h[col] for h in r["summary"]["history"]) for r in group])
-        # mu's score: from the mu runs these runs loaded (--behavior-path); runs that pretrained mu report their own
-        loaded = [mus.get(os.path.basename(os.path.dirname(r["config"]["behavior_path"] or ""))) for r in group]
+        # mu's score: from the mu runs these runs loaded; runs that pretrained mu report their own
+        loaded = [r["mu"] for r in group]
         mu_source = [m["summary"] for m in loaded if m] if all(loaded) else [r["summary"] for r in group]
         mu_value = float(np.mean([s["mu_score" if scored else "mu_return"] for s in mu_source]))
         point, ci = interval_estimates(last[:, None], reps)

@@ -12,6 +12,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker and per script it runs, so that two
+    os.environ["OMP_NUM_THREADS"] = "1"  # workers share two cores instead of oversubscribing them
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def minari_datasets_path(tmp_path_factory):
@@ -103,8 +107,7 @@ def run_script(*args, timeout=600, env=None):
 
 TINY = (
     "--preset table3 --behavior-updates 50 --total-updates 40 --eval-every 20 --eval-episodes 2 "
-    "--log-every 10 --num-qs 2 --q-hidden 32 --q-layers 2 --batch-size 32 --num-samples 4 --delta-ns "
-    "1 4 16 --delta-support-samples 256 --delta-states 16"
+    "--log-every 10 --num-qs 2 --q-hidden 32 --q-layers 2 --batch-size 32 --num-samples 4"
 ).split()
 
 

@@ -1,10 +1,10 @@
-"""Delta(s, N) (Section 3.3) against a synthetic Q and mu where it is known in closed form."""
+"""Delta(s, N) (Section 3.3; tools/delta_curve.py) against a synthetic Q and mu where it is known in closed form."""
 
 import numpy as np
 import torch
 
-import emaq_offline as eo
 from behavior_model import BehaviorModel
+from tools.delta_curve import delta_curve
 
 
 def uniform_mu(obs_dim=3):
@@ -21,7 +21,7 @@ def test_delta_matches_closed_form_for_uniform_mu_and_linear_q():
     torch.manual_seed(0)
     ns = (1, 2, 5, 10, 25, 50, 100, 200, 400)
     q = lambda obs, actions: actions[..., 0].unsqueeze(0)  # noqa: E731  one member, [1, B, N]
-    deltas = eo.delta_curve(uniform_mu(), q, torch.randn(32, 3), ns, 4096, test_lambda=1.0)
+    deltas = delta_curve(uniform_mu(), q, torch.randn(32, 3), ns, 4096, test_lambda=1.0)
     assert deltas.shape == (32, len(ns))
     expected = 1 / (np.array(ns) + 1)
     np.testing.assert_allclose(deltas.mean(0), expected, atol=0.004, rtol=0.05)
@@ -33,10 +33,10 @@ def test_delta_uses_test_ensemble():
     # E[max of N of min(a, 1-a)] = N / (2 (N + 1)) because min(a, 1-a) ~ U[0, 1/2]: Delta = 1 / (2 (N + 1)).
     torch.manual_seed(1)
     q = lambda obs, actions: torch.stack([actions[..., 0], 1 - actions[..., 0]])  # noqa: E731
-    deltas = eo.delta_curve(uniform_mu(), q, torch.randn(16, 3), (1, 3, 9), 4096, test_lambda=1.0)
+    deltas = delta_curve(uniform_mu(), q, torch.randn(16, 3), (1, 3, 9), 4096, test_lambda=1.0)
     np.testing.assert_allclose(deltas.mean(0), 1 / (2 * (np.array([1, 3, 9]) + 1)), atol=0.004, rtol=0.05)
     # lambda = 0 takes max(a, 1 - a) ~ U[1/2, 1]: the same curve, reached through the other branch.
-    deltas = eo.delta_curve(uniform_mu(), q, torch.randn(16, 3), (1, 3, 9), 4096, test_lambda=0.0)
+    deltas = delta_curve(uniform_mu(), q, torch.randn(16, 3), (1, 3, 9), 4096, test_lambda=0.0)
     np.testing.assert_allclose(deltas.mean(0), 1 / (2 * (np.array([1, 3, 9]) + 1)), atol=0.004, rtol=0.05)
 
 
@@ -46,5 +46,5 @@ def test_delta_is_zero_for_a_deterministic_mu():
     with torch.no_grad():
         mu.head_out_b[0, 0, 7] = 50.0
     q = lambda obs, actions: actions[..., 0].unsqueeze(0)  # noqa: E731
-    deltas = eo.delta_curve(mu, q, torch.randn(4, 3), (1, 10), 2048, test_lambda=1.0)
+    deltas = delta_curve(mu, q, torch.randn(4, 3), (1, 10), 2048, test_lambda=1.0)
     assert (deltas < 1 / 16).all() and deltas[:, 0].mean() > deltas[:, 1].mean()

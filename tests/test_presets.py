@@ -6,8 +6,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 import emaq_offline as eo
+from behavior_model import PRESETS as MU_PRESETS
 from behavior_model import action_bounds
 
 # The environments behind Minari's D4RL kitchen, antmaze and adroit datasets.
@@ -52,14 +54,12 @@ def test_table3_environments_construct_and_flatten(env_id):
     ],
 )
 def test_auto_preset_follows_the_paper(dataset_id, preset):
-    args = eo.check_args(eo.Args(dataset_id=dataset_id), torch.device("cpu"))
+    args = eo.check_args(eo.args_for(dataset_id=dataset_id), torch.device("cpu"))
     assert args.preset == preset
     expected = {"mujoco": (256, 8, 750, 3), "table3": (128, 16, 256, 4)}[preset]  # Table 2 / Table 3
     assert (args.batch_size, args.num_qs, args.q_hidden, args.q_layers) == expected
     assert args.q_lr == 1e-4 and args.behavior_lr == 5e-4 and args.ema == 0.995 and args.ensemble_lambda == 1.0
-    assert (
-        eo.check_args(eo.Args(dataset_id=dataset_id, num_qs=3), torch.device("cpu")).num_qs == 3
-    )  # a flag beats the preset
+    assert eo.cli(["--dataset-id", dataset_id, "--num-qs", "3"]).num_qs == 3  # a flag beats the preset
 
 
 # Every Table 3 dataset of Minari's D4RL collection that the README lists, and the ids a substring match got wrong.
@@ -92,4 +92,48 @@ MUJOCO_IDS = [
 def test_auto_preset_reads_the_environment_part_of_the_id(dataset_id):
     expected = "table3" if dataset_id in TABLE3_IDS else "mujoco"
     assert eo.preset_for(dataset_id) == expected
-    assert eo.check_args(eo.Args(dataset_id=dataset_id), torch.device("cpu")).preset == expected
+    assert eo.cli(["--dataset-id", dataset_id]).preset == expected
+
+
+def test_the_cpu_preset_sets_its_values_and_flags_given_win():
+    args = eo.cli(["--preset", "cpu"])
+    assert (args.batch_size, args.num_qs, args.q_hidden, args.q_layers) == (256, 4, 256, 3)
+    assert (args.num_samples, args.q_lr, args.ema) == (5, 3e-4, 0.98)
+    assert (args.behavior_updates, args.total_updates) == (20_000, 30_000)
+    assert MU_PRESETS["cpu"] == MU_PRESETS["table3"]  # Table 3's mu
+    args = eo.cli("--preset cpu --num-samples 10 --ema 0.9 --num-qs 2".split())
+    assert (args.num_samples, args.ema, args.num_qs, args.q_lr) == (10, 0.9, 2, 3e-4)
+    paper = eo.cli(["--dataset-id", "mujoco/halfcheetah/medium-v0"])
+    assert (paper.num_samples, paper.q_lr, paper.ema, paper.num_qs, paper.q_hidden) == (10, 1e-4, 0.995, 8, 750)
+    assert paper == eo.Args(preset="mujoco", dataset_id="mujoco/halfcheetah/medium-v0")  # Args' defaults: Table 2
+
+
+@pytest.mark.parametrize(
+    "flags, shown",
+    [
+        ([], ["--total-updates INT  Q-ensemble updates (default: 1000000)", "(Algorithm 1) (default: 10)"]),
+        (
+            ["--preset", "cpu"],
+            ["--total-updates INT  Q-ensemble updates (default: 30000)", "(Algorithm 1) (default: 5)"],
+        ),
+        (["--dataset-id", "D4RL/kitchen/complete-v2"], ["K: Q functions in the ensemble (default: 16)"]),
+    ],
+)
+def test_help_shows_the_values_a_run_uses(flags, shown):
+    """--help shows the preset's values (never None): what `python emaq_offline.py [flags]` would run with."""
+    result = run_script("emaq_offline.py", *flags, "--help", env={"COLUMNS": "250"})
+    assert result.returncode == 0
+    for flag in (
+        "--total-updates",
+        "--behavior-updates",
+        "--num-samples",
+        "--num-qs",
+        "--q-lr",
+        "--ema ",
+        "--batch-size",
+    ):
+        assert "(default: None)" not in "".join(
+            line for line in result.stdout.splitlines() if line.lstrip("│ ").startswith(flag)
+        )
+    for text in shown:
+        assert text in result.stdout, text

@@ -19,7 +19,7 @@ import emaq_offline as eo
 DATASET = ["--dataset-id", "emaq/Hopper-v5/random_2000-v0"]
 LONG = [
     *TINY,
-    *"--behavior-updates 60 --total-updates 200 --checkpoint-every 10 --eval-every 50 --save-model --delta-ns".split(),
+    *"--behavior-updates 60 --total-updates 200 --checkpoint-every 10 --eval-every 50".split(),
 ]
 
 
@@ -29,7 +29,7 @@ def only_run(runs_dir):
 
 
 def final_state(run_dir):
-    model = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
+    model = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     mu = torch.load(os.path.join(run_dir, "mu.pt"), weights_only=True)["state_dict"]
     history = json.load(open(os.path.join(run_dir, "summary.json")))["history"]
     return model, mu, history
@@ -170,7 +170,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 
     monkeypatch.setattr(eo.torch, "save", save_until_disk_full)
     monkeypatch.setattr(eo.signal, "signal", lambda *a: None)  # keep pytest's own Ctrl-C handler
-    args = eo.tyro.cli(eo.Args, args=[*DATASET, "--runs-dir", str(tmp_path), *LONG])
+    args = eo.cli([*DATASET, "--runs-dir", str(tmp_path), *LONG])
     with pytest.raises(SystemExit) as exit_info:
         eo.main(args)
     assert exit_info.value.code == 2
@@ -232,74 +232,6 @@ def test_impossible_target_memory_is_refused_up_front(tmp_path):
     assert_clean_failure(result, "GiB per state for N=100000", "lower --num-samples")
 
 
-# ----- online -----------------------------------------------------------------------------------------
-ONLINE = (
-    "--env-id InvertedPendulum-v5 --total-timesteps 500 --learning-starts 100 --eval-every 250 "
-    "--eval-episodes 2 --behavior-preset table3 --num-qs 2 --q-hidden 32 --q-layers 2 --num-samples 8 "
-    "--batch-size 32 --log-every 50 --checkpoint-every 40 --save-model --trajectory-batch-size 30 "
-    "--num-envs 2"
-).split()
-
-
-def online_final(run_dir):
-    model = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
-    mu = torch.load(os.path.join(run_dir, "mu.pt"), weights_only=True)["state_dict"]
-    summary = json.load(open(os.path.join(run_dir, "summary.json")))
-    return model, mu, summary
-
-
-def assert_same_online_run(a, b):
-    (model_a, mu_a, sum_a), (model_b, mu_b, sum_b) = online_final(a), online_final(b)
-    assert sum_a == sum_b and len(sum_a["history"]) == 2
-    for part in ("q_ensemble", "q_target"):
-        for key in model_a[part]:
-            torch.testing.assert_close(model_a[part][key], model_b[part][key], rtol=0, atol=1e-6)
-    for key in mu_a:
-        torch.testing.assert_close(mu_a[key], mu_b[key], rtol=0, atol=1e-6)
-
-
-def test_online_run_killed_mid_episode_resumes_exactly(tmp_path):
-    first = run_script("emaq_online.py", *ONLINE, "--runs-dir", str(tmp_path / "a"))
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_script("emaq_online.py", *ONLINE, "--runs-dir", str(tmp_path / "b"))
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert_same_online_run(only_run(str(tmp_path / "a")), only_run(str(tmp_path / "b")))  # same seed, same run
-
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [sys.executable, "emaq_online.py", *ONLINE, "--runs-dir", str(tmp_path / "c")],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    target = random.randint(150, 350)  # somewhere after learning started, mid-episode in general
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        metas = [json.load(open(p)) for p in glob.glob(str(tmp_path / "c" / "*" / "checkpoint.json"))]
-        if metas and metas[0]["global_step"] >= target:
-            break
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.005)
-    time.sleep(random.uniform(0, 0.05))
-    proc.kill()
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    run_dir = only_run(str(tmp_path / "c"))
-    resumed = run_script("emaq_online.py", "--resume", run_dir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming at step" in resumed.stderr
-    assert_same_online_run(only_run(str(tmp_path / "a")), run_dir)
-    assert_clean_failure(run_script("emaq_online.py", "--resume", run_dir), "already finished")
-    assert_clean_failure(
-        run_script("emaq_online.py", "--resume", run_dir, "--env-id", "Hopper-v5"),
-        "cannot resume",
-        "--env-id Hopper-v5",
-    )
-
-
-# ----- extending a run, atomic dataset generation, signals on a non-finite state (issue #11) -----------------
 def test_a_finished_run_extended_to_more_updates_equals_the_longer_run(tmp_path, uninterrupted):
     """--resume RUN --total-updates 400 continues a finished 200-update run; it ends with exactly the weights and the
     evaluations of a 400-update run (evaluation draws from its own generator, so it never moves the training's)."""
@@ -405,27 +337,27 @@ def test_a_stop_signal_never_checkpoints_a_non_finite_state(tmp_path):
     }
 
 
-def test_a_finished_online_run_extended_to_more_steps_equals_the_longer_run(tmp_path):
-    """emaq_online.py --resume RUN --total-timesteps 400 continues a finished 200-step run (M = 1, its buffer moved into
-    a larger one) and ends with exactly the weights and evaluations of a 400-step run."""
-    flags = (
-        "--env-id InvertedPendulum-v5 --learning-starts 100 --eval-every 100 --eval-episodes 2 "
-        "--behavior-preset table3 --num-qs 2 --q-hidden 32 --q-layers 2 --num-samples 8 --batch-size 32 "
-        "--log-every 50 --save-model"
-    ).split()
-    short = run_script("emaq_online.py", *flags, "--total-timesteps", "200", "--runs-dir", str(tmp_path / "short"))
-    assert short.returncode == 0, short.stderr[-3000:]
-    extended = run_script("emaq_online.py", "--resume", only_run(str(tmp_path / "short")), "--total-timesteps", "400")
+def test_an_extended_run_has_exactly_the_evaluations_of_the_longer_run(tmp_path):
+    """A finished 30-update run (evaluations at 20 and, its last, 30) extended to 40 updates drops the evaluation at 30,
+    which a 40-update run never made: both histories are [20, 40], equal to the last digit."""
+    short, longer = str(tmp_path / "short"), str(tmp_path / "longer")
+    for runs, total in ((short, "30"), (longer, "40")):
+        result = run_script("emaq_offline.py", *DATASET, "--runs-dir", runs, *TINY, "--total-updates", total)
+        assert result.returncode == 0, result.stderr[-3000:]
+    extended = run_script("emaq_offline.py", "--resume", only_run(short), "--total-updates", "40")
     assert extended.returncode == 0, extended.stderr[-3000:]
-    longer = run_script("emaq_online.py", *flags, "--total-timesteps", "400", "--runs-dir", str(tmp_path / "longer"))
-    assert longer.returncode == 0, longer.stderr[-3000:]
-    (model_a, mu_a, summary_a), (model_b, mu_b, summary_b) = (
-        online_final(only_run(str(tmp_path / "short"))),
-        online_final(only_run(str(tmp_path / "longer"))),
-    )
-    assert [h[0] for h in summary_a["history"]] == [100, 200, 300, 400] and summary_a == summary_b
-    for part in ("q_ensemble", "q_target"):
-        for key, value in model_a[part].items():
-            torch.testing.assert_close(value, model_b[part][key], rtol=0, atol=0)
-    for key in mu_a:
-        torch.testing.assert_close(mu_a[key], mu_b[key], rtol=0, atol=0)
+    history = json.load(open(os.path.join(only_run(short), "summary.json")))["history"]
+    assert [h[0] for h in history] == [20, 40] and history == final_state(only_run(longer))[2]
+
+
+def test_a_flag_passed_on_resume_with_args_default_value_is_not_ignored(tmp_path):
+    """The run used N = 4; `--num-samples 10` is Args' default, and is refused like any other changed flag (it was
+    once silently ignored); passing the run's own value is accepted."""
+    runs = str(tmp_path / "runs")
+    result = run_script("emaq_offline.py", *DATASET, "--runs-dir", runs, *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run(runs)
+    refused = run_script("emaq_offline.py", "--resume", run_dir, "--num-samples", "10", "--total-updates", "60")
+    assert_clean_failure(refused, "cannot resume", "--num-samples 10 (the run has 4)")
+    same = run_script("emaq_offline.py", "--resume", run_dir, "--num-samples", "4", "--total-updates", "60")
+    assert same.returncode == 0, same.stderr[-3000:]

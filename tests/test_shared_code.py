@@ -11,11 +11,9 @@ import emaq_online as eon
 
 ALGORITHM = ["QEnsemble", "ensemble", "emaq_target", "emaq_update", "test_time_policy", "evaluate", "flatten_obs"]
 SPEED = ["resolve_speed_flags", "autocast", "bf16_copy", "target_states_per_chunk", "compile_update"]
-PLUMBING = ["log", "close_progress_bars", "fail", "atomic_save", "rng_state", "set_rng_state", "stop_if_nonfinite"]
-WATCHING = ["update_flops", "peak_flops", "synchronize", "timed_rate", "human_duration"]
-WATCHING += ["video_unavailable", "video_renderer_problem", "write_video"]
-SHARED_FUNCTIONS = ALGORITHM + SPEED + PLUMBING + WATCHING + ["handle_stop_signals"]
-SHARED_CONSTANTS = ["MU_OUTPUT", "Q_OUTPUT", "CPU_TARGET_ROWS", "D4RL_REF_SCORES", "VIDEO_RENDER"]
+PLUMBING = ["log", "close_progress_bars", "fail", "atomic_save", "stop_if_nonfinite", "handle_stop_signals"]
+SHARED_FUNCTIONS = ALGORITHM + SPEED + PLUMBING
+SHARED_CONSTANTS = ["MU_OUTPUT", "Q_OUTPUT", "CPU_TARGET_ROWS"]
 
 
 @pytest.mark.parametrize("name", SHARED_FUNCTIONS)
