@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The paper's two architectures. MuJoCo: Appendix G ("2 hidden layers of dimension 750 ... linear
-# embedding into a 750 dimensional state representation ... 3 hidden layers of dimension 256 ...
-# 40 equally sized bins"), with the raw prefix of Appendix B. Table 3 (kitchen, antmaze, adroit):
-# (256, 4, 128, 1, 128, 80) = (state hidden, state layers, head hidden, head layers, Lin_i size,
-# bins), embedding size = state hidden size (Appendix G.3).
+# The paper's two architectures. MuJoCo: Appendix G ("2 hidden layers of dimension 750 ... linear embedding into a 750
+# dimensional state representation ... 3 hidden layers of dimension 256 ... 40 equally sized bins"), with the raw prefix
+# of App. B. Table 3 (kitchen, antmaze, adroit): App. G.3, with Lin_i(a[:i]) of size 128 and 80 bins.
 PRESETS = {
     "mujoco": dict(
         state_hidden=750, state_layers=2, embed_dim=750, head_hidden=256, head_layers=3, prefix_dim=0, num_bins=40
@@ -73,9 +71,8 @@ def action_bounds(action_space) -> tuple[list[float], list[float]]:
 
 
 def register_action_bounds(model: nn.Module, action_low, action_high) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check the action bounds (finite, one non-empty shape, high > low) and register them on `model` as buffers: low,
-    high, and mid / half_range, which map actions to [-1, 1] (the autoregressive heads' prefix: the paper's raw a[:i]
-    when the bounds are [-1, 1], equally well conditioned for any others; the VAE's whole action space)."""
+    """Check the bounds (finite, one non-empty shape, high > low); register low, high, and mid / half_range, which map
+    actions to [-1, 1] (the heads' prefix: the paper's raw a[:i] for bounds [-1, 1]; the VAE's action space)."""
     low = torch.as_tensor(action_low, dtype=torch.float32).flatten()
     high = torch.as_tensor(action_high, dtype=torch.float32).flatten()
     if low.shape != high.shape or low.numel() == 0:
@@ -143,8 +140,7 @@ class BehaviorModel(nn.Module):
         low, high = register_action_bounds(self, action_low, action_high)
         if (
             min(obs_dim, state_hidden, embed_dim, head_hidden, head_layers, num_bins) < 1
-            or state_layers < 0
-            or prefix_dim < 0
+            or min(state_layers, prefix_dim) < 0
         ):
             raise ValueError("obs_dim, sizes, head_layers and num_bins must be >= 1; state_layers and prefix_dim >= 0")
         act_dim = low.numel()
@@ -171,10 +167,9 @@ class BehaviorModel(nn.Module):
             self.lin_weight = _stacked_uniform(d, act_dim, prefix_dim, fan_in=max(act_dim, 1))
             self.lin_bias = _stacked_uniform(d, 1, prefix_dim, fan_in=max(act_dim, 1))
         self.head_prefix = _stacked_uniform(d, prefix_width, hid, fan_in=embed_dim + prefix_width)
-        self.head_hidden_w = nn.ParameterList(
-            [_stacked_uniform(d, hid, hid, fan_in=hid) for _ in range(head_layers - 1)]
-        )
-        self.head_hidden_b = nn.ParameterList([_stacked_uniform(d, 1, hid, fan_in=hid) for _ in range(head_layers - 1)])
+        hidden_layers = range(head_layers - 1)
+        self.head_hidden_w = nn.ParameterList([_stacked_uniform(d, hid, hid, fan_in=hid) for _ in hidden_layers])
+        self.head_hidden_b = nn.ParameterList([_stacked_uniform(d, 1, hid, fan_in=hid) for _ in hidden_layers])
         self.head_out_w = _stacked_uniform(d, hid, num_bins, fan_in=hid)
         self.head_out_b = _stacked_uniform(d, 1, num_bins, fan_in=hid)
 
@@ -190,9 +185,8 @@ class BehaviorModel(nn.Module):
         """Prefix features of every head from full actions [..., A] -> [..., D, P] (teacher forcing)."""
         actions = (actions - self.mid) / self.half_range
         if self.config.prefix_dim:
-            return torch.einsum("...a,dap->...dp", actions, self.lin_weight * self.prefix_mask) + self.lin_bias.squeeze(
-                1
-            )
+            weight = self.lin_weight * self.prefix_mask
+            return torch.einsum("...a,dap->...dp", actions, weight) + self.lin_bias.squeeze(1)
         return actions.unsqueeze(-2) * self.prefix_mask.squeeze(-1)  # head i sees a[:i] and zeros after
 
     def _head_tail(self, x: torch.Tensor, dims) -> torch.Tensor:
@@ -222,11 +216,8 @@ class BehaviorModel(nn.Module):
     # ----- public surface ------------------------------------------------------------------------
     def loss(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Mean over the batch of -log p(labels | s): cross-entropy with teacher forcing, summed over dimensions."""
-        logits = self.logits(obs, actions)
-        return (
-            F.cross_entropy(logits.flatten(0, 1).float(), self.labels(actions).flatten(), reduction="sum")
-            / obs.shape[0]
-        )
+        logits, labels = self.logits(obs, actions).flatten(0, 1).float(), self.labels(actions).flatten()
+        return F.cross_entropy(logits, labels, reduction="sum") / obs.shape[0]
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Continuous log-density log mu(a|s), [B]: bin log-probabilities minus log bin widths."""
@@ -284,19 +275,6 @@ class BehaviorModel(nn.Module):
         """Activations of one sampled action, in floats (the EMaQ target sizes its chunks with it)."""
         return 4 * self.config.head_hidden + 3 * self.num_bins
 
-    def sample_flops(self, num_states: int, n: int) -> int:
-        """Matmul FLOPs of `sample(obs, n)` for `num_states` states: the state MLP and the heads' state part once per
-        state, head 0 once per state, heads 1.. once per sample (the MFU of the scripts' logs)."""
-        c, d = self.config, self.act_dim
-        widths = [self.obs_dim] + [c.state_hidden] * c.state_layers + [c.embed_dim]
-        per_state = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True)) + c.embed_dim * d * c.head_hidden
-        flops = 2 * num_states * per_state
-        for i in range(d):
-            prefix = (i * c.prefix_dim + c.prefix_dim * c.head_hidden) if c.prefix_dim else i * c.head_hidden
-            head = prefix + (c.head_layers - 1) * c.head_hidden**2 + c.head_hidden * self.num_bins
-            flops += 2 * (num_states if i == 0 else num_states * n) * head
-        return flops
-
     def save(self, path: str) -> None:  # weights and constructor configuration, atomically
         save_model(self, path)
 
@@ -307,9 +285,7 @@ class BehaviorModel(nn.Module):
         return load_model(cls, path, obs_dim, act_dim, map_location)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The VAE of prior work (BCQ, BEAR, BRAC), for the paper's comparison (Appendix H.1, Figures 6, 8 and 9)
-# ---------------------------------------------------------------------------------------------------
+# ----- The VAE of prior work (BCQ, BEAR, BRAC), for the paper's comparison (Appendix H.1, Figures 6, 8 and 9) -----
 @dataclass
 class VAEConfig:
     """Everything that builds a VAEBehaviorModel; saved beside its weights."""
@@ -372,12 +348,6 @@ class VAEBehaviorModel(nn.Module):
         """Activations of one sampled action, in floats (the EMaQ target sizes its chunks with it)."""
         return 2 * self.config.hidden * self.config.layers
 
-    def sample_flops(self, num_states: int, n: int) -> int:
-        """Matmul FLOPs of `sample(obs, n)`: the decoder's state part once per state, the rest once per sample."""
-        c = self.config
-        per_sample = c.latent_dim * c.hidden + (c.layers - 1) * c.hidden**2 + c.hidden * self.act_dim
-        return 2 * num_states * (self.obs_dim * c.hidden + n * per_sample)
-
     def decode(self, obs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """obs [B, S], z [B, N, L] -> the decoder's mean tanh(v) in [-1, 1], [B, N, A]."""
         x = (self.decoder_obs(obs).unsqueeze(1) + self.decoder_latent(z)).relu()
@@ -437,9 +407,7 @@ class VAEBehaviorModel(nn.Module):
         return load_model(cls, path, obs_dim, act_dim, map_location)
 
 
-# ---------------------------------------------------------------------------------------------------
-# One file format for both models: weights, the constructor's configuration and the kind of model
-# ---------------------------------------------------------------------------------------------------
+# ----- One file format for both models: weights, the constructor's configuration and the kind of model -----
 def save_model(model: nn.Module, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"

@@ -20,6 +20,26 @@ import emaq_offline as eo  # noqa: E402
 from behavior_model import BehaviorModel, VAEBehaviorModel  # noqa: E402
 
 
+def sample_flops(mu, num_states: int, n: int) -> int:
+    """Matmul FLOPs of `mu.sample(obs, n)` for `num_states` states. Autoregressive: the state MLP and the heads' state
+    part once per state, head 0 once per state, heads 1.. once per sample. VAE: the decoder's state part once per
+    state, the rest once per sample."""
+    c = mu.config
+    if isinstance(mu, VAEBehaviorModel):
+        per_sample = c.latent_dim * c.hidden + (c.layers - 1) * c.hidden**2 + c.hidden * mu.act_dim
+        return 2 * num_states * (mu.obs_dim * c.hidden + n * per_sample)
+    widths = [mu.obs_dim] + [c.state_hidden] * c.state_layers + [c.embed_dim]
+    per_state = (
+        sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True)) + c.embed_dim * mu.act_dim * c.head_hidden
+    )
+    flops = 2 * num_states * per_state
+    for i in range(mu.act_dim):
+        prefix = (i * c.prefix_dim + c.prefix_dim * c.head_hidden) if c.prefix_dim else i * c.head_hidden
+        head = prefix + (c.head_layers - 1) * c.head_hidden**2 + c.head_hidden * c.num_bins
+        flops += 2 * (num_states if i == 0 else num_states * n) * head
+    return flops
+
+
 def update_flops(args, mu, obs_dim: int, act_dim: int) -> int:
     """Matmul FLOPs of one EMaQ update, counted as benchmarks/bench_update.py counts them: mu's N samples for B next
     states, the K target networks on B x N pairs (their state part once per state), and the K online networks'
@@ -28,7 +48,7 @@ def update_flops(args, mu, obs_dim: int, act_dim: int) -> int:
     hidden = (args.q_layers - 1) * h * h + h
     target = 2 * k * (b * obs_dim * h + b * n * (act_dim * h + hidden))
     online = 3 * 2 * k * b * ((obs_dim + act_dim) * h + hidden)
-    return mu.sample_flops(b, n) + target + online
+    return sample_flops(mu, b, n) + target + online
 
 
 def peak_flops(device, precision: str) -> tuple[float, str]:
