@@ -1,10 +1,7 @@
-"""Offline EMaQ (Expected-Max Q-learning; Ghasemipour, Schuurmans & Gu, ICML 2021) on Minari datasets.
+"""Offline EMaQ (Expected-Max Q-learning; Ghasemipour, Schuurmans & Gu, ICML 2021) on Minari datasets: Args, data, the
+Q ensemble, EMaQ (eq. 11, eq. 10, Algorithm 1), evaluation, main, small helpers. Analyses of a saved run: tools/."""
 
-Read top to bottom: Args and presets, data, the Q ensemble, EMaQ (the target of eq. 11, the update of eq. 10, the
-test-time policy of Algorithm 1), evaluation, main; small helpers follow main. Analyses of a saved run (Delta(s, N),
-Q's diagnostics, re-evaluation and videos, cost and MFU) are scripts in tools/. Docs: README.md and docs/.
-"""
-
+import contextlib
 import copy
 import dataclasses
 import json
@@ -15,10 +12,10 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from typing import Literal
 
 import gymnasium as gym
+import minari
 import numpy as np
 import torch
 import tyro
@@ -29,7 +26,7 @@ from tqdm import tqdm
 from behavior_model import BehaviorModel, VAEBehaviorModel, action_bounds, fp32_output_layer
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     exp_name: str = "emaq_offline"
     """the name of this experiment (part of the run directory's name)"""
@@ -39,16 +36,12 @@ class Args:
     """use the GPU when one is present"""
     runs_dir: str = "runs"
     """TensorBoard logs, checkpoints and mu go to runs_dir/<run name>/"""
-
-    # Data
     dataset_id: str = "emaq/HalfCheetah-v5/random-v0"
     """a Minari dataset id; emaq/<EnvId>/random-v0 (1M steps) or random_<steps>-v0 is generated locally on first use"""
     normalize_obs: bool = True
     """normalize observations with the dataset's mean and std (std + 1e-3), here and in the evaluation env"""
     preset: Literal["auto", "mujoco", "table3", "cpu"] = "auto"
     """the values below: Table 2 (mujoco), Table 3 (kitchen/antmaze/adroit), or cpu (NOT the paper's); auto: by id"""
-
-    # Behavior model mu(a|s)
     behavior_model: Literal["autoregressive", "vae"] = "autoregressive"
     """mu: the paper's autoregressive model (App. B) or the VAE of prior work (App. H.1), to compare (Section 5.1)"""
     behavior_path: str | None = None
@@ -59,8 +52,6 @@ class Args:
     """Adam learning rate of mu (Tables 2 and 3)"""
     behavior_holdout: float = 0.01
     """fraction of transitions (at most 10,000) held out of mu's training to report its held-out NLL"""
-
-    # EMaQ
     total_updates: int = 1_000_000
     """Q-ensemble updates"""
     batch_size: int = 256
@@ -83,18 +74,12 @@ class Args:
     """Ensemble(values) = lambda * min + (1 - lambda) * max over the K targets (eq. 11)"""
     test_ensemble_lambda: float = 1.0
     """lambda of TestEnsemble in the test-time policy (Algorithm 1)"""
-    backup: Literal["max", "soft"] = "max"
-    """'max': the EMaQ backup; 'soft': the softmax-weighted average over the N samples (Appendix J)"""
-    soft_alpha: float = 10.0
-    """alpha of the soft backup, weights softmax(alpha * Q) (Appendix J, eq. 74)"""
-
-    # Evaluation, logging, checkpoints
     eval_every: int = 5_000
     """evaluate the test-time policy every this many updates"""
     eval_episodes: int = 10
     """episodes per evaluation, run as one vectorized environment"""
     final_eval_episodes: int = 0
-    """episodes of the last evaluation, the score a paper reports (e.g. 100 for a tight one); 0: --eval-episodes"""
+    """episodes of mu's baselines and of the last evaluation, the scores reported (e.g. 100); 0: --eval-episodes"""
     eval_seed: int = 0
     """seed of the evaluation episodes and of their samples from mu (the same at every evaluation)"""
     log_every: int = 1_000
@@ -103,8 +88,6 @@ class Args:
     """write the full training state (atomically) every this many updates of mu and of the Q ensemble"""
     resume: str | None = None
     """continue the run in this run directory from its last checkpoint (a larger --total-updates extends it)"""
-
-    # Speed: how fast, never what is computed (docs/benchmarks.md)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 matmuls in mu's and the Q updates (Q values, targets, losses, logits stay fp32); auto: bf16 where native"""
     compile: Literal["auto", "on", "off"] = "auto"
@@ -126,33 +109,26 @@ MU_ARGS += ("behavior_holdout", "batch_size", "precision")
 
 
 def preset_for(dataset_id: str) -> str:
-    """Table 3's sizes for kitchen, antmaze and adroit, by the environment part of the id, never a substring ("pen" is
-    not "invertedpendulum"; emaq/AntMaze_UMaze-v4/random-v0 is antmaze)."""
+    """Table 3's sizes for kitchen, antmaze, adroit, by the id's environment part ("pen" is not "invertedpendulum")."""
     parts = dataset_id.lower().split("/")
     env = re.sub(r"-v\d+$", "", parts[-2] if len(parts) >= 2 else parts[0])
     table3 = env in ("kitchen", "antmaze", "door", "hammer", "pen", "relocate")  # Minari's D4RL names
     return "table3" if table3 or env.startswith(("frankakitchen", "antmaze_", "adroithand")) else "mujoco"
 
 
-def args_for(preset: str = "auto", **flags) -> Args:
-    """Args as the command line makes them: the preset's values (auto: by the dataset id), then the flags."""
-    preset = preset_for(flags.get("dataset_id", Args.dataset_id)) if preset == "auto" else preset
-    return Args(**{**PRESETS[preset], "preset": preset, **flags})
-
-
 def cli(argv=None) -> Args:
-    """The command line over the defaults a run will use, so that --help shows them: the preset's, or a resumed run's
-    own flags (then a flag passed is compared with the run's value, never with Args' default)."""
+    """The command line over the defaults a run uses (the preset's, or a resumed run's), so that --help shows them."""
     argv = sys.argv[1:] if argv is None else argv
-    first, _ = tyro.cli(Args, args=[a for a in argv if a not in ("-h", "--help")], return_unknown_args=True)
-    defaults = read_config(first.resume) if first.resume else args_for(first.preset, dataset_id=first.dataset_id)
-    return tyro.cli(Args, args=argv, default=dataclasses.replace(defaults, resume=first.resume))
+    pre, _ = tyro.cli(Args, args=[a for a in argv if a not in ("-h", "--help")], return_unknown_args=True)
+    preset = preset_for(pre.dataset_id) if pre.preset == "auto" else pre.preset
+    defaults = Args(**PRESETS[preset], preset=preset, dataset_id=pre.dataset_id)
+    defaults = read_config(pre.resume) if pre.resume else defaults
+    return tyro.cli(Args, args=argv, default=dataclasses.replace(defaults, resume=pre.resume))
 
 
 # ----- Data: a Minari dataset -> transitions (s, a, r, s', terminal), then tensors on the training device -----------
 def flatten_obs(space: gym.Space, obs) -> np.ndarray:
-    """[T, ...] observations -> [T, obs_dim] float32. Dict spaces are concatenated in the space's key order, by the
-    same function for the dataset and the evaluation environment, so the order always agrees."""
+    """[T, ...] observations -> [T, obs_dim] float32; Dict spaces concatenated in the space's key order."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten_obs(sub, obs[key]) for key, sub in space.spaces.items()], axis=1)
     if isinstance(space, gym.spaces.Box):
@@ -161,27 +137,36 @@ def flatten_obs(space: gym.Space, obs) -> np.ndarray:
     fail(f"unsupported observation space {space}: use Box or (nested) Dict of Box observations")
 
 
-def episodes_to_transitions(dataset) -> dict[str, np.ndarray]:
-    """Transition t of an episode (T+1 observations, T actions) is (o_t, a_t, r_t, o_{t+1}, terminated_t): a truncated
-    (time-limit) ending still bootstraps from o_{t+1}."""
-    parts = {key: [] for key in ("obs", "actions", "rewards", "next_obs", "terminals")}
+def load_transitions(dataset, dataset_id: str):
+    """Transitions (o_t, a_t, r_t, o_{t+1}, terminated_t) (a truncated end still bootstraps) and action bounds; NaN/Inf
+    refused (naming where), actions clipped to the bounds."""
+    try:
+        low, high = action_bounds(dataset.action_space)
+    except ValueError as e:
+        fail(f"dataset {dataset_id}: {e}")
+    data = {key: [] for key in ("obs", "actions", "rewards", "next_obs", "terminals")}
     for episode in dataset.iterate_episodes():
         obs, steps = flatten_obs(dataset.observation_space, episode.observations), len(episode.rewards)
         if obs.shape[0] != steps + 1:
             fail(f"episode {episode.id} has {obs.shape[0]} observations for {steps} steps: expected T+1")
-        parts["obs"].append(obs[:-1])
-        parts["next_obs"].append(obs[1:])
-        parts["actions"].append(np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1))
-        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
-        parts["terminals"].append(np.asarray(episode.terminations, dtype=np.float32))
-    return {key: np.concatenate(value) for key, value in parts.items()}
+        actions = np.asarray(episode.actions, dtype=np.float32).reshape(steps, -1)
+        for key, value in zip(data, (obs[:-1], actions, episode.rewards, obs[1:], episode.terminations), strict=True):
+            data[key].append(np.asarray(value, dtype=np.float32))
+    data = {key: np.concatenate(value) for key, value in data.items()}
+    for key, value in data.items():
+        if not (finite := np.isfinite(value.reshape(len(value), -1)).all(1)).all():
+            row, count = np.nonzero(~finite)[0][0], int((~np.isfinite(value)).sum())
+            fail(f"dataset {dataset_id} has {count} NaN/Inf values in {key} (first at transition {row}): clean it")
+    low32, high32 = np.float32(low), np.float32(high)
+    if outside := int(((data["actions"] < low32) | (data["actions"] > high32)).sum()):
+        log(f"note: clipped {outside} action coordinates that lay outside the action space [{min(low)}, {max(high)}]")
+        data["actions"] = np.clip(data["actions"], low32, high32)
+    return data, low, high
 
 
 # ----- Q ensemble: K MLPs evaluated together, one batched matmul per layer -------------------------------------------
 class QEnsemble(nn.Module):
-    """K Q networks Q_k(s, a), weights stacked as [K, in, out]. The first layer is split into a state part, computed
-    once per state, and an action part, computed per sampled action: Q(s', a'_i) for N samples costs one state
-    projection, not N."""
+    """K Q networks, weights stacked [K, in, out]; the first layer's state part is computed once per state, not N."""
 
     def __init__(self, obs_dim: int, act_dim: int, num_qs: int, hidden: int, layers: int):
         super().__init__()
@@ -205,8 +190,7 @@ class QEnsemble(nn.Module):
         x = (action_part.view(k, batch, n, -1) + state_part.unsqueeze(2)).relu_().view(k, batch * n, -1)
         for w, b in zip(self.w_hidden, self.b_hidden, strict=True):
             x = torch.baddbmm(b, x, w).relu_()
-        # The values EMaQ compares (max over N) and regresses (eq. 10) leave in fp32, also under bf16 autocast:
-        # bf16's spacing at Q = 1000 is 4 to 8, as large as the differences between the N candidates.
+        # fp32 values out, also under bf16: bf16's spacing at Q = 1000 (4 to 8) is as large as the N candidates' gaps
         return fp32_output_layer(x, self.w_out, self.b_out).view(k, batch, n)
 
 
@@ -218,22 +202,16 @@ def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:
 # ----- EMaQ: the target (eq. 11), one update (eq. 10), and the test-time policy (Algorithm 1) ------------------------
 @torch.no_grad()
 def emaq_target(mu, q_target, rewards, next_obs, terminals, args, states_per_chunk: int | None = None) -> torch.Tensor:
-    """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')   (eq. 11).
-    The B x N x K values are computed `states_per_chunk` next states at a time (see `target_states_per_chunk`)."""
+    """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s'), in chunks of next states."""
     samples = mu.sample(next_obs, args.num_samples)  # [B, N, A], all at once: mu sizes its own chunks
     backups, chunk = [], states_per_chunk or len(next_obs)
-    for obs_chunk, samples_chunk in zip(next_obs.split(chunk), samples.split(chunk), strict=True):
-        values = ensemble(q_target(obs_chunk, samples_chunk), args.ensemble_lambda)  # [b, N], fp32
-        if args.backup == "max":
-            backups.append(values.max(-1).values)
-        else:  # soft-EMaQ (Appendix J, eq. 71-74): softmax(alpha * Q)-weighted average of the N values
-            backups.append((torch.softmax(args.soft_alpha * values, -1) * values).sum(-1))
+    for obs_chunk, samples_chunk in zip(next_obs.split(chunk), samples.split(chunk), strict=True):  # [b, N] values
+        backups.append(ensemble(q_target(obs_chunk, samples_chunk), args.ensemble_lambda).max(-1).values)
     return rewards + args.gamma * (1 - terminals) * torch.cat(backups)
 
 
 def emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, args, states_per_chunk) -> dict:
-    """One Q-ensemble update (eq. 10) on a batch; metrics stay on the device. The target reads `target_mu` and
-    `target_q`: mu and q_target themselves, or their bf16 read copies (refreshed here after the EMA)."""
+    """One update (eq. 10); metrics stay on the device. target_mu/target_q: mu/q_target or their bf16 read copies."""
     obs, actions, rewards, next_obs, terminals = batch
     with autocast(args.precision, obs.device):
         target = emaq_target(target_mu, target_q, rewards, next_obs, terminals, args, states_per_chunk)  # eq. 11
@@ -243,26 +221,18 @@ def emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, a
     loss.backward()
     q_optimizer.step()
     with torch.no_grad():
-        for p_target, p, p_read in zip(
-            q_target.parameters(), q_ensemble.parameters(), target_q.parameters(), strict=True
-        ):
-            p_target.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
-            if p_read is not p_target:
-                p_read.copy_(p_target)
-    return {
-        "qf_loss": loss.detach() / args.num_qs,
-        "qf_values": q.detach().mean(),
-        "q_ensemble_std": q.detach().std(0).mean(),
-        "target_values": target.mean(),
-    }
+        for p_tgt, p, p_read in zip(q_target.parameters(), q_ensemble.parameters(), target_q.parameters(), strict=True):
+            p_tgt.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
+            if p_read is not p_tgt:
+                p_read.copy_(p_tgt)
+    q = q.detach()  # the target came from no_grad
+    metrics = dict(qf_loss=loss.detach() / args.num_qs, qf_values=q.mean(), q_ensemble_std=q.std(0).mean())
+    return metrics | dict(target_values=target.mean())
 
 
 @torch.no_grad()
-def test_time_policy(
-    mu, q_ensemble, obs, num_samples: int, test_lambda: float, generator=None, temperature: float = 1.0
-) -> torch.Tensor:
-    """Algorithm 1: sample N actions from mu(.|s), return the argmax of TestEnsemble({Q_k(s, a_i)}). The paper samples
-    mu itself (temperature 1); other temperatures are for diagnostics."""
+def test_time_policy(mu, q_ensemble, obs, num_samples, test_lambda, generator=None, temperature=1.0) -> torch.Tensor:
+    """Algorithm 1: N actions from mu(.|s), the argmax of TestEnsemble({Q_k(s, a_i)}) (temperature 1: the paper's)."""
     candidates = mu.sample(obs, num_samples, temperature=temperature, generator=generator)  # [B, N, A]
     scores = ensemble(q_ensemble(obs, candidates), test_lambda)  # [B, N]
     return candidates[torch.arange(len(obs), device=obs.device), scores.argmax(-1)]
@@ -270,13 +240,10 @@ def test_time_policy(
 
 # ----- Evaluation in the environment recovered from the dataset, vectorized over episodes ----------------------------
 def evaluate(policy, envs, obs_space, normalize, seed: int, device, frames: list | None = None) -> np.ndarray:
-    """Undiscounted return of the first episode of every sub-environment. The policy draws from its own generator,
-    seeded like the episodes: evaluating never moves the training's random streams. With a `frames` list, the first
-    sub-environment's episode is rendered into it (rendering reads the simulation, never changes it)."""
-    obs, _ = envs.reset(seed=seed)
-    generator = torch.Generator(device).manual_seed(seed)
+    """Return of every sub-environment's first episode (the policy's own generator: training's streams never move)."""
+    (obs, _), generator = envs.reset(seed=seed), torch.Generator(device).manual_seed(seed)
     returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
-    if frames is not None:
+    if frames is not None:  # the first sub-environment's episode, rendered
         frames.append(envs.unwrapped.envs[0].render())
     while not done.all():
         obs_t = normalize(torch.as_tensor(flatten_obs(obs_space, obs), device=device))
@@ -290,43 +257,35 @@ def evaluate(policy, envs, obs_space, normalize, seed: int, device, frames: list
 
 
 def evaluation_summary(returns, ref) -> dict:
-    """Mean return and D4RL-normalized score 100 (return - random) / (expert - random), with their standard errors."""
+    """Mean return, D4RL-normalized score 100 (return - random) / (expert - random), standard errors, a text line."""
     returns = np.asarray(returns, dtype=float)
     se = float(returns.std(ddof=1) / np.sqrt(len(returns))) if len(returns) > 1 else float("nan")
     score = None if ref is None else float(100 * (returns.mean() - ref[0]) / (ref[1] - ref[0]))
-    summary = dict(episodes=len(returns), returns=returns.tolist(), return_mean=float(returns.mean()), return_stderr=se)
-    return summary | dict(score=score, score_stderr=None if ref is None else 100 * se / (ref[1] - ref[0]))
-
-
-def describe(returns, ref) -> str:
-    """'return 512.3 ± 20.1 (score 15.6 ± 0.6) over 10 episodes': the mean and its standard error."""
-    s = evaluation_summary(returns, ref)
-    score = f" (score {s['score']:.1f} ± {s['score_stderr']:.1f})" if ref else ""
-    return f"return {s['return_mean']:.1f} ± {s['return_stderr']:.1f}{score} over {s['episodes']} episodes"
+    s = dict(episodes=len(returns), returns=returns.tolist(), return_mean=float(returns.mean()), return_stderr=se)
+    s |= dict(score=score, score_stderr=None if ref is None else 100 * se / (ref[1] - ref[0]))
+    score_text = f" (score {score:.1f} ± {s['score_stderr']:.1f})" if ref else ""
+    return s | dict(text=f"return {s['return_mean']:.1f} ± {se:.1f}{score_text} over {len(returns)} episodes")
 
 
 # ----- Minari datasets: load (generate or download on first use), check, reference scores, evaluation environments ---
 RANDOM_ID = re.compile(r"emaq/(?P<env_id>[^/]+)/random(?:_(?P<steps>\d+))?-v0")
-# D4RL's reference returns (random policy, expert), used where a dataset has no reference scores of its own.
 D4RL_REF_SCORES = dict(halfcheetah=(-280.178953, 12135.0), hopper=(-20.272305, 3234.3), walker2d=(1.629008, 4592.3))
-D4RL_REF_SCORES["ant"] = (-325.6, 3879.7)
+D4RL_REF_SCORES["ant"] = (-325.6, 3879.7)  # D4RL's (random, expert) returns, for datasets with no reference scores
 
 
 def load_dataset(dataset_id: str, seed: int):
     """A local dataset as it is; our generated ids on first use (tools/make_random_dataset.py); others downloaded."""
-    import minari
-
     if dataset_id not in minari.list_local_datasets():
         if match := RANDOM_ID.fullmatch(dataset_id):
             from tools.make_random_dataset import generate_random_dataset  # lazily, as CleanRL imports its helpers
 
             generate_random_dataset(dataset_id, match["env_id"], int(match["steps"] or 1_000_000), seed)
-        elif not network_available():  # a download would hang in retries
-            fail(
-                f"dataset {dataset_id!r} is not in {minari.storage.get_dataset_path()} and there is no network: run "
-                f"`minari download {dataset_id}` elsewhere and copy it there, or use emaq/HalfCheetah-v5/random-v0"
-            )
         else:
+            try:  # without a network, a download would hang in retries
+                socket.create_connection(("huggingface.co", 443), timeout=3.0).close()
+            except OSError:
+                where = minari.storage.get_dataset_path()
+                fail(f"dataset {dataset_id!r} is not in {where} and there is no network: minari download it elsewhere")
             try:
                 minari.download_dataset(dataset_id)
             except Exception as e:
@@ -335,32 +294,6 @@ def load_dataset(dataset_id: str, seed: int):
         return minari.load_dataset(dataset_id)
     except Exception as e:
         fail(f"could not load dataset {dataset_id!r}: {e}")
-
-
-def network_available(host="huggingface.co", port=443, timeout=3.0) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_transitions(dataset, dataset_id: str):
-    """The dataset's transitions and action bounds; NaN/Inf refused (naming where), actions clipped to the bounds."""
-    try:
-        low, high = action_bounds(dataset.action_space)
-    except ValueError as e:
-        fail(f"dataset {dataset_id}: {e}")
-    data = episodes_to_transitions(dataset)
-    for key, value in data.items():
-        if not (finite := np.isfinite(value.reshape(len(value), -1)).all(1)).all():
-            row, count = np.nonzero(~finite)[0][0], int((~np.isfinite(value)).sum())
-            fail(f"dataset {dataset_id} has {count} NaN/Inf values in {key} (first at transition {row}): clean it")
-    low32, high32 = np.float32(low), np.float32(high)
-    if outside := int(((data["actions"] < low32) | (data["actions"] > high32)).sum()):
-        log(f"note: clipped {outside} action coordinates that lay outside the action space [{min(low)}, {max(high)}]")
-        data["actions"] = np.clip(data["actions"], low32, high32)
-    return data, low, high
 
 
 def reference_scores(dataset):
@@ -374,10 +307,9 @@ def reference_scores(dataset):
 
 def make_eval_envs(dataset, num_episodes: int, **render):
     """`num_episodes` evaluation environments in one vector env (`render`: the first one's render settings)."""
+    kwargs = [render] + [{}] * (num_episodes - 1)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            kwargs = [render] + [{}] * (num_episodes - 1)
+        with warnings.catch_warnings(action="ignore"):
             return gym.vector.SyncVectorEnv([lambda kw=kw: dataset.recover_environment(True, **kw) for kw in kwargs])
     except Exception as e:
         fail(f"cannot build the evaluation environment of {dataset.spec.dataset_id}: {e}")
@@ -399,24 +331,18 @@ def main(args: Args):
         obs_mean, obs_std = torch.zeros_like(obs_mean), torch.ones_like(obs_std)
     normalize = lambda o: (o - obs_mean) / obs_std  # noqa: E731
     data["obs"], data["next_obs"] = normalize(data["obs"]), normalize(data["next_obs"])
-    envs, ref = make_eval_envs(dataset, args.eval_episodes), reference_scores(dataset)
+    envs, ref = make_eval_envs(dataset, args.final_eval_episodes), reference_scores(dataset)  # mu's and the last score
     perm = torch.randperm(num_transitions, generator=torch.Generator().manual_seed(args.seed)).to(device)
     num_holdout = min(int(args.behavior_holdout * num_transitions), 10_000)
     holdout_idx, train_idx = perm[:num_holdout], perm[num_holdout:]  # mu's held-out NLL
 
-    # Models: mu, the Q ensemble and its EMA target; a checkpoint, if resuming, is restored here and only here
-    if args.behavior_path:
-        mu = load_behavior_model(args, obs_dim, act_dim).to(device)
-    elif args.behavior_model == "vae":
-        mu = VAEBehaviorModel(obs_dim, low, high).to(device)
-    else:
-        mu = BehaviorModel.from_preset(args.preset, obs_dim, low, high).to(device)
+    # Models, and the run's state (obs_mean/std: for tools/); a checkpoint, if resuming, is restored here and only here
+    mu = behavior_model(args, obs_dim, act_dim, low, high).to(device)
     mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr, fused=True)
     q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
     q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
     models = dict(mu=mu, mu_optimizer=mu_optimizer, q_ensemble=q_ensemble, q_target=q_target, q_optimizer=q_optimizer)
-    # checkpointed with the models; obs_mean and obs_std for the tools that read a finished run
     run = dict(phase="behavior", step=0, history=[], mu_eval={}, last_returns=None, obs_mean=obs_mean, obs_std=obs_std)
     if ckpt:
         restore_checkpoint(ckpt, models, run, args)
@@ -427,13 +353,13 @@ def main(args: Args):
         log("note: the paper's budget takes days on a CPU; try --preset cpu (not the paper's configuration)")
     nonfinite_at = torch.full((), -1, device=device)  # the first update whose loss was NaN/Inf; read when logging
     save = lambda: save_checkpoint(run_dir, run, models, nonfinite_at)  # noqa: E731
-    handle_stop_signals()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill: checkpoint at the next update, then exit
+        signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))
 
     # mu(a|s): maximum likelihood on the training split (teacher forcing, all dimensions in one pass)
     if run["phase"] == "behavior" and not args.behavior_path:
-        for step in tqdm(
-            range(run["step"] + 1, args.behavior_updates + 1), "mu", args.behavior_updates, initial=run["step"]
-        ):
+        steps = range(run["step"] + 1, args.behavior_updates + 1)
+        for step in tqdm(steps, "mu", args.behavior_updates, initial=run["step"]):
             idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), device=device)]
             with autocast(args.precision, device):
                 nll = mu.loss(data["obs"][idx], data["actions"][idx])
@@ -452,24 +378,19 @@ def main(args: Args):
     if run["phase"] == "behavior":  # mu alone: the behavior-cloning baselines, before any EMaQ training
         mu.save(os.path.join(run_dir, "mu.pt"))
         atomic_save({key: getattr(args, key) for key in MU_ARGS}, f"{run_dir}/mu.json")
-        if len(holdout_idx):
-            with torch.no_grad():
-                nll = torch.cat([-mu.log_prob(data["obs"][i], data["actions"][i]) for i in holdout_idx.split(4096)])
+        if len(holdout_idx):  # mu is frozen: no graph is built
+            nll = torch.cat([-mu.log_prob(data["obs"][i], data["actions"][i]) for i in holdout_idx.split(4096)])
             writer.add_scalar("eval/behavior_heldout_nll", nll.mean().item(), 0)
-        # mu sampled (one sample per step), and mu's deterministic policy (temperature 0: the most likely bin of every
-        # dimension; for the VAE, the decoder's mean at z = 0), the usual BC column
+        # mu sampled, and mu's deterministic policy (temperature 0: each dimension's likeliest bin; the VAE's mean)
         for name, temperature in (("", 1.0), ("greedy_", 0.0)):
-
-            def behavior_policy(obs, generator, temperature=temperature):
-                return mu.sample(obs, 1, temperature=temperature, generator=generator)[:, 0]
-
-            returns = evaluate(behavior_policy, envs, dataset.observation_space, normalize, args.eval_seed, device)
+            policy = lambda obs, gen, t=temperature: mu.sample(obs, 1, temperature=t, generator=gen)[:, 0]  # noqa: E731
+            returns = evaluate(policy, envs, dataset.observation_space, normalize, args.eval_seed, device)
             run["mu_eval"][f"{name}returns"] = returns.tolist()
             writer.add_scalar(f"eval/behavior_{name}return", returns.mean(), 0)
             if ref:
                 writer.add_scalar(f"eval/behavior_{name}{ref[2]}", evaluation_summary(returns, ref)["score"], 0)
         run["phase"], run["step"] = "emaq", 0
-    log(f"mu alone: {describe(run['mu_eval']['returns'], ref)}")
+    log(f"mu alone: {evaluation_summary(run['mu_eval']['returns'], ref)['text']}")
 
     # EMaQ: the Q ensemble trained with the target of eq. 11 (Algorithm 1, Appendix C)
     target_mu, target_q = mu, q_target  # in bf16, the target reads bf16 copies (the fp32 target stays the EMA's master)
@@ -501,18 +422,15 @@ def main(args: Args):
             writer.add_scalar("charts/SPS", (step - clock[1]) / (time.time() - clock[0]), step)
             clock = (time.time(), step)
         if step % args.eval_every == 0 or is_last:
-            episodes = args.final_eval_episodes if is_last else args.eval_episodes  # the reported score: more
-            eval_envs = envs if episodes == args.eval_episodes else make_eval_envs(dataset, episodes)
-            result = evaluation_summary(
-                evaluate(policy, eval_envs, dataset.observation_space, normalize, args.eval_seed, device), ref
-            )
+            eval_envs = envs if is_last else make_eval_envs(dataset, args.eval_episodes)  # the last: more episodes
+            returns = evaluate(policy, eval_envs, dataset.observation_space, normalize, args.eval_seed, device)
+            result = evaluation_summary(returns, ref)
             run["history"].append([step, result["return_mean"], result["score"]])
             run["last_returns"] = result["returns"]
             writer.add_scalar("eval/episodic_return", result["return_mean"], step)
             writer.add_scalar("eval/episodic_return_stderr", result["return_stderr"], step)
             if ref:
                 writer.add_scalar(f"eval/{ref[2]}", result["score"], step)
-            progress.set_postfix(ret=f"{result['return_mean']:.0f}")
             clock = (time.time(), step)
         if step % args.checkpoint_every == 0 and not is_last:
             save()
@@ -522,21 +440,17 @@ def main(args: Args):
     # The final checkpoint (the saved run that tools/ read) and the summary
     run["phase"] = "done"
     save()
-    summary = dict(dataset_id=args.dataset_id, score_tag=ref[2] if ref else None, history=run["history"])
+    summary, line = dict(dataset_id=args.dataset_id, score_tag=ref[2] if ref else None, history=run["history"]), []
     for name, key in (("mu", "returns"), ("mu_greedy", "greedy_returns")):  # the behavior-cloning baselines
         s = evaluation_summary(run["mu_eval"][key], ref)
-        summary |= {
-            f"{name}_return": s["return_mean"],
-            f"{name}_score": s["score"],
-            f"{name}_return_stderr": s["return_stderr"],
-        }
+        summary |= {f"{name}_{k}": s[v] for k, v in (("return", "return_mean"), ("score", "score"))}
+        summary[f"{name}_return_stderr"] = s["return_stderr"]
+        line.append(f"{name.replace('_', ' ')} {s['text']}")
     summary["last_eval"] = evaluation_summary(run["last_returns"], ref) if run["last_returns"] else None
     atomic_save(summary, os.path.join(run_dir, "summary.json"))
     writer.close()
-    line = (
-        f"mu {describe(run['mu_eval']['returns'], ref)} | mu greedy {describe(run['mu_eval']['greedy_returns'], ref)}"
-    )
-    print(f"{args.dataset_id} | {line} | EMaQ last {describe(run['last_returns'] or [np.nan], ref)} | {run_dir}")
+    line.append(f"EMaQ last {evaluation_summary(run['last_returns'] or [np.nan], ref)['text']}")
+    print(" | ".join([args.dataset_id, *line, run_dir]))
     return summary
 
 
@@ -546,7 +460,8 @@ def check_args(args: Args, device) -> Args:
     args = dataclasses.replace(args, preset=preset_for(args.dataset_id) if args.preset == "auto" else args.preset)
     args.final_eval_episodes = args.final_eval_episodes or args.eval_episodes
     resolve_speed_flags(args, device)
-    lambdas, graphs = (args.ensemble_lambda, args.test_ensemble_lambda), args.cudagraphs == "on"
+    lambdas = (args.ensemble_lambda, args.test_ensemble_lambda)
+    cudagraphs_need = "--cudagraphs on replays the compiled update on a CUDA GPU: it needs --compile on and a GPU"
     problems = [
         (args.num_samples < 1, f"--num-samples (N) must be >= 1, got {args.num_samples}"),
         (args.num_qs < 1, f"--num-qs (K) must be >= 1, got {args.num_qs}"),
@@ -557,11 +472,7 @@ def check_args(args: Args, device) -> Args:
         (not (0 <= args.ema < 1 and 0 <= args.gamma <= 1), "--ema must lie in [0, 1) and --gamma in [0, 1]"),
         (not 0 <= args.behavior_holdout < 0.5, "--behavior-holdout must lie in [0, 0.5)"),
         (not (args.behavior_path or args.behavior_updates), "--behavior-updates 0 needs --behavior-path (a saved mu)"),
-        (graphs and device.type != "cuda", "--cudagraphs on needs a CUDA GPU, and this run is on the CPU"),
-        (
-            graphs and args.compile == "off",
-            "--cudagraphs on replays the compiled update: pass --compile on, or --cudagraphs off",
-        ),
+        (args.cudagraphs == "on" and (args.compile == "off" or device.type != "cuda"), cudagraphs_need),
     ]
     for message in [message for bad, message in problems if bad][:1]:
         fail(message)
@@ -573,47 +484,45 @@ def log(message: str):
     tqdm.write(message, file=sys.stderr)
 
 
-def close_progress_bars():
-    """Close open progress bars, so that the line printed next is the last one on the screen."""
+def fail(message: str, code: int = 2):
+    """End the run with one clear line, the last on the screen: an error (code 2; no traceback), or a stop (130)."""
     for bar in list(getattr(tqdm, "_instances", [])):
         bar.close()
+    log(f"error: {message}" if code == 2 else message)
+    sys.exit(code)
 
 
-def fail(message: str):
-    """End the run with one clear line and exit code 2; no traceback for a user's mistake."""
-    close_progress_bars()
-    log(f"error: {message}")
-    sys.exit(2)
-
-
-def load_behavior_model(args: Args, obs_dim: int, act_dim: int):
-    """A saved mu; it must have been trained on this dataset, with this observation normalization, for these shapes."""
-    try:
-        mu = (VAEBehaviorModel if args.behavior_model == "vae" else BehaviorModel).load(
-            args.behavior_path, obs_dim, act_dim
+def behavior_model(args: Args, obs_dim: int, act_dim: int, low, high):
+    """A new mu, or a saved one (--behavior-path) trained on this dataset, with this normalization, for these shapes."""
+    model_class = VAEBehaviorModel if args.behavior_model == "vae" else BehaviorModel
+    if not args.behavior_path:
+        return (
+            VAEBehaviorModel(obs_dim, low, high)
+            if args.behavior_model == "vae"
+            else BehaviorModel.from_preset(args.preset, obs_dim, low, high)
         )
+    try:
+        mu = model_class.load(args.behavior_path, obs_dim, act_dim)
     except ValueError as e:
         fail(str(e))
     meta_path = os.path.join(os.path.dirname(os.path.abspath(args.behavior_path)), "mu.json")
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else asdict(args)  # a mu from elsewhere: trusted
-    if (meta["dataset_id"], meta["normalize_obs"]) != (args.dataset_id, args.normalize_obs):
-        fail(
-            f"{args.behavior_path} was trained on {meta['dataset_id']} with normalize_obs={meta['normalize_obs']}, "
-            f"unlike this run: pass a mu trained on {args.dataset_id} with normalize_obs={args.normalize_obs}"
-        )
+    meta = (
+        json.load(open(meta_path)) if os.path.exists(meta_path) else dataclasses.asdict(args)
+    )  # a mu from elsewhere: trusted
+    trained, this_run = (meta["dataset_id"], meta["normalize_obs"]), (args.dataset_id, args.normalize_obs)
+    if trained != this_run:
+        fail(f"{args.behavior_path} was trained on (dataset, normalize_obs) {trained}, this run has {this_run}")
     return mu
 
 
 # ----- speed: bf16 read copies, target chunks, torch.compile and CUDA graphs (docs/benchmarks.md) ----------------
 def resolve_speed_flags(args, device):
-    """'auto' speed flags: bf16 where the device computes it natively (CUDA with bf16, AVX512-BF16 or AMX on a CPU),
-    compile and CUDA graphs on a GPU only (no gain on a CPU)."""
-    if args.precision == "auto":  # torch.cpu's helpers are private: where a build lacks them, assume no native bf16
-        cpu_checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        cpu_native = any(getattr(torch.cpu, f, lambda: False)() for f in cpu_checks)
-        args.precision = "bf16" if (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_native) else "fp32"
-    if args.compile == "auto":
-        args.compile = "on" if device.type == "cuda" else "off"
+    """'auto': bf16 where native (CUDA, AVX512-BF16, AMX); compile and CUDA graphs on a GPU only (no gain on a CPU)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private to torch.cpu: absent means no
+    cpu_bf16 = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_bf16
+    args.precision = ("bf16" if native else "fp32") if args.precision == "auto" else args.precision
+    args.compile = ("on" if device.type == "cuda" else "off") if args.compile == "auto" else args.compile
     if args.cudagraphs == "auto":
         args.cudagraphs = "on" if device.type == "cuda" and args.compile == "on" else "off"
 
@@ -624,12 +533,11 @@ def autocast(precision: str, device):
 
 
 MU_OUTPUT, Q_OUTPUT = ("head_out_w", "head_out_b", "decoder_out"), ("w_out", "b_out")  # fp32 in the bf16 copies
-CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU; see target_states_per_chunk
+CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU: a few MB stay in the caches (30-60 MB page-fault)
 
 
 def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
-    """A frozen copy with bf16 parameters except the output layers `keep_fp32` (they make the compared values, in fp32):
-    autocast would cast the fp32 weights at every call and chunk; the target reads these, refreshed once per update."""
+    """A frozen bf16 copy, but for the fp32 output layers `keep_fp32`: the target reads it (autocast would recast)."""
     module = copy.deepcopy(module).requires_grad_(False)
     for name, p in module.named_parameters():
         if name.split(".")[0] not in keep_fp32:
@@ -638,27 +546,21 @@ def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
 
 
 def target_states_per_chunk(args, mu, device) -> int:
-    """Next states per target chunk: as many as half the free memory holds (refused if not one); on a CPU at most
-    CPU_TARGET_ROWS // N, so that activations of a few MB stay in the caches (30-60 MB are page-faulted afresh)."""
+    """Next states per target chunk: what --target-memory-gb (or half the free memory) holds; a CPU: CPU_TARGET_ROWS."""
     per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + mu.floats_per_sample)
-    if args.target_memory_gb:
-        budget = args.target_memory_gb * 2**30
-    elif device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] / 2
-    else:
-        budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 if hasattr(os, "sysconf") else 2**32
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")  # a CPU: chunks of a few MB
+    budget = args.target_memory_gb * 2**30 if args.target_memory_gb else free / 2
     if per_state > budget:
+        needs, budget_gb = f"{per_state / 2**30:.2f} GiB per state for N={args.num_samples}", budget / 2**30
         fail(
-            f"the EMaQ target needs {per_state / 2**30:.2f} GiB per state for N={args.num_samples}, more than the "
-            f"{budget / 2**30:.2f} GiB budget: lower --num-samples or --num-qs"
+            f"the EMaQ target needs {needs}, more than the {budget_gb:.2f} GiB budget: lower --num-samples or --num-qs"
         )
     states = int(min(args.batch_size, budget // per_state))
     return states if device.type != "cpu" else max(1, min(states, CPU_TARGET_ROWS // args.num_samples))
 
 
 def compile_update(update, args):
-    """torch.compile the update (reduce-overhead: one CUDA graph per update); if compiling fails (no C++ compiler, no
-    Triton, an unsupported op), warn once and go on eagerly (a real error recurs eagerly)."""
+    """torch.compile the update (+ one CUDA graph per update); if compiling fails (no C++ compiler), go on eagerly."""
     if args.compile != "on":
         return update
     compiled = torch.compile(update, mode="reduce-overhead" if args.cudagraphs == "on" else None, dynamic=False)
@@ -686,14 +588,12 @@ def open_run_dir(args: Args, ckpt):
     run_dir = args.resume or os.path.join(args.runs_dir, run_name)
     try:
         os.makedirs(run_dir, exist_ok=True)
-        atomic_save(asdict(args), os.path.join(run_dir, "config.json"))  # a resumed run may have a new total_updates
+        atomic_save(
+            dataclasses.asdict(args), os.path.join(run_dir, "config.json")
+        )  # a resumed run may have a new total_updates
     except OSError as e:
         fail(f"cannot write the run directory {run_dir}: {e.strerror}; pass a writable --runs-dir")
-    writer = SummaryWriter(run_dir)
-    if not ckpt:
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    return run_dir, writer
+    return run_dir, SummaryWriter(run_dir)
 
 
 def atomic_save(obj, path: str):
@@ -715,32 +615,26 @@ def save_checkpoint(run_dir, run: dict, models: dict, nonfinite_at):
     stop_if_nonfinite(nonfinite_at, run_dir)
     rng = dict(rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     try:
-        atomic_save(
-            run | rng | {key: module.state_dict() for key, module in models.items()}, f"{run_dir}/checkpoint.pt"
-        )
-        atomic_save({"phase": run["phase"], "step": run["step"]}, os.path.join(run_dir, "checkpoint.json"))
+        atomic_save(run | rng | {key: model.state_dict() for key, model in models.items()}, f"{run_dir}/checkpoint.pt")
+        atomic_save({"phase": run["phase"], "step": run["step"]}, f"{run_dir}/checkpoint.json")
     except OSError as e:
         fail(
-            f"could not write a checkpoint into {run_dir} ({e.strerror}); {last_checkpoint(run_dir)} is intact: "
-            f"free some space, then resume with: python emaq_offline.py --resume {run_dir}"
+            f"no checkpoint written ({e.strerror}); {last_checkpoint(run_dir)} is intact: free space, then --resume it"
         )
 
 
 def last_checkpoint(run_dir) -> str:
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError):
         meta = json.load(open(os.path.join(run_dir, "checkpoint.json")))
         return f"the checkpoint {run_dir}/checkpoint.pt ({meta['phase']} update {meta['step']})"
-    except (OSError, ValueError, KeyError):
-        return "no earlier checkpoint"
+    return "no earlier checkpoint"
 
 
 def stop_if_nonfinite(nonfinite_at: torch.Tensor, run_dir):
     """Fail, naming the first update whose loss or Q values were NaN/Inf (a host sync: call at log intervals)."""
     if (bad := int(nonfinite_at)) >= 0:
-        fail(
-            f"the losses became NaN/Inf at update {bad}; the last good state is {last_checkpoint(run_dir)}: resume "
-            f"from it with a lower --q-lr (or --behavior-lr), or check the rewards"
-        )
+        good = last_checkpoint(run_dir)
+        fail(f"the losses became NaN/Inf at update {bad}; resume from {good} with a lower --q-lr (or --behavior-lr)")
 
 
 def read_config(run_dir: str) -> Args:
@@ -756,7 +650,7 @@ def load_checkpoint(args: Args) -> dict:
     saved, free = read_config(args.resume), ("resume", "cuda", "compile", "cudagraphs", "target_memory_gb")
     conflicts = [
         f"--{key.replace('_', '-')} {value} (the run has {getattr(saved, key)})"
-        for key, value in asdict(args).items()
+        for key, value in dataclasses.asdict(args).items()
         if key not in (*free, "total_updates") and value != getattr(saved, key)
     ]
     if conflicts:
@@ -772,20 +666,16 @@ def load_checkpoint(args: Args) -> dict:
             f"{path} is truncated or not a checkpoint of emaq_offline.py ({type(e).__name__}); nothing was overwritten"
         )
     if ckpt["phase"] == "done" and args.total_updates <= ckpt["step"]:
-        fail(
-            f"the run in {args.resume} already finished; extend it with a larger --total-updates, evaluate it with "
-            f"python tools/evaluate_run.py {args.resume}, or start a new run"
-        )
+        fail(f"the run in {args.resume} already finished: extend it with a larger --total-updates, or start a new run")
     if ckpt["phase"] == "emaq" and args.total_updates < ckpt["step"]:
         fail(f"--total-updates {args.total_updates} is below the run's {ckpt['step']} updates: pass a larger one")
     return ckpt
 
 
 def restore_checkpoint(ckpt: dict, models: dict, run: dict, args: Args):
-    """Models, optimizers, RNG and counters. A finished run given more updates drops its last evaluation (unless it fell
-    on --eval-every): then it has the evaluations of a run that had the larger budget from the start."""
-    for key, module in models.items():
-        module.load_state_dict(ckpt[key])
+    """Models, optimizers, RNG, counters; an extended run drops a last evaluation off --eval-every (never made)."""
+    for key, model in models.items():
+        model.load_state_dict(ckpt[key])
     torch.set_rng_state(ckpt["rng"])
     if torch.cuda.is_available() and ckpt["cuda_rng"]:
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
@@ -799,20 +689,11 @@ def restore_checkpoint(ckpt: dict, models: dict, run: dict, args: Args):
 STOP = {"signal": None}  # set by SIGINT/SIGTERM; the training loops checkpoint and exit at the next update
 
 
-def handle_stop_signals():
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))
-
-
 def stop_if_requested(run: dict, save, run_dir):
     if STOP["signal"] is not None:
         save()
-        close_progress_bars()
-        log(
-            f"stopped by signal {STOP['signal']} at {run['phase']} update {run['step']}: checkpoint written. "
-            f"Resume with: python emaq_offline.py --resume {run_dir}"
-        )
-        sys.exit(130)
+        where, resume = f"{run['phase']} update {run['step']}", f"python emaq_offline.py --resume {run_dir}"
+        fail(f"stopped by signal {STOP['signal']} at {where}: checkpoint written. Resume with: {resume}", code=130)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,19 @@
 """Online EMaQ (Ghasemipour, Schuurmans & Gu, ICML 2021, Appendix F): collect M environment steps with the current
 policy, frozen while it collects (N samples from a temperature-smoothed mu, the best by eq. 67), then run M updates of
 mu (maximum likelihood on the replay buffer) and of the Q ensemble (eq. 11). M = 1 is fully online; M = 50,000 is the
-paper's deployment-efficient setting. Read top to bottom: Args, the environment and replay buffer, the Q ensemble, EMaQ
-and exploration, evaluation, main; small helpers follow main. tools/export_replay.py turns a run's replay buffer into
-a Minari dataset for emaq_offline.py. Docs: docs/online.md.
-"""
+paper's deployment-efficient setting. Read top to bottom; small helpers follow main. tools/export_replay.py turns a
+run's replay buffer into a Minari dataset for emaq_offline.py. Docs: docs/online.md."""
 
 import copy
 import dataclasses
 import gc
 import json
 import os
-import random
 import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Literal
 
 import gymnasium as gym
@@ -30,19 +27,16 @@ from tqdm import tqdm
 from behavior_model import BehaviorModel, VAEBehaviorModel, action_bounds, fp32_output_layer
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     exp_name: str = "emaq_online"
     """the name of this experiment (part of the run directory's name)"""
     seed: int = 1
-    """seed of python, numpy, torch and the environments"""
-    torch_deterministic: bool = True
-    """sets torch.backends.cudnn.deterministic"""
+    """seed of torch (training draws from its generator alone) and of the environments"""
     cuda: bool = True
     """use the GPU when one is present"""
     runs_dir: str = "runs"
     """TensorBoard logs, config.json, checkpoints and videos go to runs_dir/<run name>/"""
-    # Environment and collection
     env_id: str = "HalfCheetah-v5"
     """a Gymnasium environment with a bounded Box action space and Box observations"""
     total_timesteps: int = 1_000_000
@@ -55,14 +49,12 @@ class Args:
     """environments stepped together during collection"""
     buffer_size: int = 1_000_000
     """replay buffer capacity (transitions), preallocated on the training device"""
-    # Exploration (Appendix F, eq. 67)
     num_samples: int = 200
     """N: actions sampled from mu for exploration, the target (eq. 11) and the test-time policy"""
     temperature: float = 1.0
     """mu's temperature in exploration (logits / T; the VAE's z * T), paper: 1, 5, 10, 20; targets and evaluation: 1"""
     ucb_beta: float = 1.0
     """beta of the exploration score mean(Q) + beta * std(Q) over the ensemble"""
-    # EMaQ (Table 2 sizes)
     behavior_model: Literal["autoregressive", "vae"] = "autoregressive"
     """mu: the paper's autoregressive model (App. B) or the VAE of prior work (App. H.1), to compare (Section 5.1)"""
     behavior_preset: Literal["mujoco", "table3"] = "mujoco"
@@ -87,11 +79,6 @@ class Args:
     """Ensemble(values) = lambda * min + (1 - lambda) * max over the K targets (eq. 11)"""
     test_ensemble_lambda: float = 1.0
     """lambda of TestEnsemble in the evaluation policy (Algorithm 1)"""
-    backup: Literal["max", "soft"] = "max"
-    """'max': the EMaQ backup; 'soft': the softmax-weighted average over the N samples (Appendix J)"""
-    soft_alpha: float = 10.0
-    """alpha of the soft backup, weights softmax(alpha * Q) (Appendix J, eq. 74)"""
-    # Evaluation, logging, saving
     eval_every: int = 10_000
     """evaluate the test-time policy every this many environment steps"""
     eval_episodes: int = 10
@@ -103,10 +90,9 @@ class Args:
     log_every: int = 1_000
     """move losses to the host and log them every this many updates"""
     checkpoint_every: int = 50_000
-    """write the full state (models, optimizers, replay buffer, RNGs, counters) every this many steps + updates"""
+    """write the full state (models, optimizers, replay buffer, torch's RNG, counters) every this many steps+updates"""
     resume: str | None = None
     """continue this run from its last checkpoint, in fresh environments (its running episodes end there, truncated)"""
-    # Speed: how fast, never what is computed (docs/benchmarks.md)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 matmuls in mu's and the Q updates (Q values, targets, losses, logits stay fp32); auto: bf16 where native"""
     compile: Literal["auto", "on", "off"] = "auto"
@@ -118,28 +104,23 @@ class Args:
 
 
 def cli(argv=None) -> Args:
-    """The command line over the defaults a run will use, so that --help shows them: a resumed run's own flags."""
+    """The command line over the defaults a run uses (a resumed run's own flags), so that --help shows them."""
     argv = sys.argv[1:] if argv is None else argv
     first, _ = tyro.cli(Args, args=[a for a in argv if a not in ("-h", "--help")], return_unknown_args=True)
-    defaults = Args()
-    if first.resume:  # then a passed flag is compared with the run's own value, never with Args' default
-        defaults = dataclasses.replace(read_config(first.resume), resume=first.resume)
+    defaults = dataclasses.replace(read_config(first.resume), resume=first.resume) if first.resume else Args()
     return tyro.cli(Args, args=argv, default=defaults)
 
 
 # ----- Environment steps into a replay buffer on the training device -------------------------------------------------
 def make_envs(env_id: str, num: int, video: bool = False):
-    """A vector env (Gymnasium 1.x: a sub-env whose episode ended is reset by the next step), refusing what EMaQ cannot
-    handle; with `video`, the first sub-environment renders its frames."""
+    """A vector env, refusing what EMaQ cannot handle; with `video`, the first sub-environment renders its frames."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):
             make = [lambda i=i: gym.make(env_id, **(VIDEO_RENDER if video and i == 0 else {})) for i in range(num)]
             envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.vector.SyncVectorEnv(make))
+        action_bounds(envs.single_action_space)  # a bounded Box, or a ValueError that says what it is
     except gym.error.Error as e:
         fail(f"cannot make environment {env_id!r}: {e}. Check the id (gymnasium.pprint_registry() lists them)")
-    try:
-        action_bounds(envs.single_action_space)
     except ValueError as e:
         fail(f"environment {env_id}: {e}")
     if not isinstance(envs.single_observation_space, gym.spaces.Box):
@@ -169,16 +150,12 @@ def buffer_sample(buf, batch_size) -> list[torch.Tensor]:
 
 
 def replay_order(buf) -> torch.Tensor:
-    """The buffer's rows, oldest first."""
-    start = buf["ptr"] if buf["size"] == len(buf["obs"]) else 0
-    return (torch.arange(buf["size"], device=buf["obs"].device) + start) % len(buf["obs"])
+    """The buffer's rows, oldest first (the newest is at ptr - 1)."""
+    return (torch.arange(buf["size"], device=buf["obs"].device) + buf["ptr"] - buf["size"]) % len(buf["obs"])
 
 
 def step_and_store(envs, obs, actions, autoreset, buf):
-    """One vector step; stores its real transitions; returns (next_obs, ended, real, infos). Gymnasium 1.x autoreset:
-    a sub-env whose episode ended on the previous step (`autoreset`) is reset by this step, which ignores its action:
-    (obs, action, next_obs) there joins two episodes and is not stored. The final observation of an episode is the
-    next_obs of its ending step (the older `final_observation` pattern does not apply)."""
+    """One vector step, storing the real transitions (Gymnasium 1.x only resets a sub-env that ended: `autoreset`)."""
     next_obs, rewards, terminated, truncated, infos = envs.step(actions)
     real = ~autoreset
     if real.any():
@@ -189,9 +166,7 @@ def step_and_store(envs, obs, actions, autoreset, buf):
 
 # ----- Q ensemble: K MLPs evaluated together (the same code as emaq_offline.py's) ------------------------------------
 class QEnsemble(nn.Module):
-    """K Q networks Q_k(s, a), weights stacked as [K, in, out]. The first layer is split into a state part, computed
-    once per state, and an action part, computed per sampled action: Q(s', a'_i) for N samples costs one state
-    projection, not N."""
+    """K Q networks, weights stacked [K, in, out]; the first layer's state part is computed once per state, not N."""
 
     def __init__(self, obs_dim: int, act_dim: int, num_qs: int, hidden: int, layers: int):
         super().__init__()
@@ -215,8 +190,7 @@ class QEnsemble(nn.Module):
         x = (action_part.view(k, batch, n, -1) + state_part.unsqueeze(2)).relu_().view(k, batch * n, -1)
         for w, b in zip(self.w_hidden, self.b_hidden, strict=True):
             x = torch.baddbmm(b, x, w).relu_()
-        # The values EMaQ compares (max over N) and regresses (eq. 10) leave in fp32, also under bf16 autocast:
-        # bf16's spacing at Q = 1000 is 4 to 8, as large as the differences between the N candidates.
+        # fp32 values out, also under bf16: bf16's spacing at Q = 1000 (4 to 8) is as large as the N candidates' gaps
         return fp32_output_layer(x, self.w_out, self.b_out).view(k, batch, n)
 
 
@@ -228,22 +202,16 @@ def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:
 # ----- EMaQ: the target (eq. 11), one update (eq. 10), the test-time policy (Algorithm 1), exploration (eq. 67) -------
 @torch.no_grad()
 def emaq_target(mu, q_target, rewards, next_obs, terminals, args, states_per_chunk: int | None = None) -> torch.Tensor:
-    """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s')   (eq. 11).
-    The B x N x K values are computed `states_per_chunk` next states at a time (see `target_states_per_chunk`)."""
+    """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s'), in chunks of next states."""
     samples = mu.sample(next_obs, args.num_samples)  # [B, N, A], all at once: mu sizes its own chunks
     backups, chunk = [], states_per_chunk or len(next_obs)
-    for obs_chunk, samples_chunk in zip(next_obs.split(chunk), samples.split(chunk), strict=True):
-        values = ensemble(q_target(obs_chunk, samples_chunk), args.ensemble_lambda)  # [b, N], fp32
-        if args.backup == "max":
-            backups.append(values.max(-1).values)
-        else:  # soft-EMaQ (Appendix J, eq. 71-74): softmax(alpha * Q)-weighted average of the N values
-            backups.append((torch.softmax(args.soft_alpha * values, -1) * values).sum(-1))
+    for obs_chunk, samples_chunk in zip(next_obs.split(chunk), samples.split(chunk), strict=True):  # [b, N] values
+        backups.append(ensemble(q_target(obs_chunk, samples_chunk), args.ensemble_lambda).max(-1).values)
     return rewards + args.gamma * (1 - terminals) * torch.cat(backups)
 
 
 def emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, args, states_per_chunk) -> dict:
-    """One Q-ensemble update (eq. 10) on a batch; metrics stay on the device. The target reads `target_mu` and
-    `target_q`: mu and q_target themselves, or their bf16 read copies (refreshed here after the EMA)."""
+    """One update (eq. 10); metrics stay on the device. target_mu/target_q: mu/q_target or their bf16 read copies."""
     obs, actions, rewards, next_obs, terminals = batch
     with autocast(args.precision, obs.device):
         target = emaq_target(target_mu, target_q, rewards, next_obs, terminals, args, states_per_chunk)  # eq. 11
@@ -253,54 +221,38 @@ def emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, a
     loss.backward()
     q_optimizer.step()
     with torch.no_grad():
-        for p_target, p, p_read in zip(
-            q_target.parameters(), q_ensemble.parameters(), target_q.parameters(), strict=True
-        ):
-            p_target.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
-            if p_read is not p_target:
-                p_read.copy_(p_target)
-    return {
-        "qf_loss": loss.detach() / args.num_qs,
-        "qf_values": q.detach().mean(),
-        "q_ensemble_std": q.detach().std(0).mean(),
-        "target_values": target.mean(),
-    }
+        for p_tgt, p, p_read in zip(q_target.parameters(), q_ensemble.parameters(), target_q.parameters(), strict=True):
+            p_tgt.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
+            if p_read is not p_tgt:
+                p_read.copy_(p_tgt)
+    q = q.detach()  # the target came from no_grad
+    metrics = dict(qf_loss=loss.detach() / args.num_qs, qf_values=q.mean(), q_ensemble_std=q.std(0).mean())
+    return metrics | dict(target_values=target.mean())
 
 
 @torch.no_grad()
-def test_time_policy(
-    mu, q_ensemble, obs, num_samples: int, test_lambda: float, generator=None, temperature: float = 1.0
-) -> torch.Tensor:
-    """Algorithm 1: sample N actions from mu(.|s), return the argmax of TestEnsemble({Q_k(s, a_i)}). The paper samples
-    mu itself (temperature 1); other temperatures are for diagnostics."""
+def test_time_policy(mu, q_ensemble, obs, num_samples, test_lambda, generator=None, temperature=1.0) -> torch.Tensor:
+    """Algorithm 1: N actions from mu(.|s), the argmax of TestEnsemble({Q_k(s, a_i)}) (temperature 1: the paper's)."""
     candidates = mu.sample(obs, num_samples, temperature=temperature, generator=generator)  # [B, N, A]
     scores = ensemble(q_ensemble(obs, candidates), test_lambda)  # [B, N]
     return candidates[torch.arange(len(obs), device=obs.device), scores.argmax(-1)]
 
 
-def ucb_select(q_values: torch.Tensor, candidates: torch.Tensor, beta: float) -> torch.Tensor:
-    """eq. 67: the candidate with the highest mean(Q) + beta * std(Q) over the K members (population std).
-    q_values [K, B, N], candidates [B, N, A] -> actions [B, A]."""
-    score = q_values.mean(0) + beta * q_values.std(0, correction=0)
-    return candidates[torch.arange(candidates.shape[0], device=candidates.device), score.argmax(-1)]
-
-
 @torch.no_grad()
 def explore(mu, q_ensemble, obs, args: Args) -> torch.Tensor:
-    """Exploration policy (Appendix F): N samples from mu with logits / temperature, the best by eq. 67."""
-    candidates = mu.sample(obs, args.num_samples, temperature=args.temperature)
-    return ucb_select(q_ensemble(obs, candidates), candidates, args.ucb_beta)
+    """Appendix F: N samples from mu at --temperature, the best by eq. 67: mean(Q) + beta * std(Q) over K members."""
+    candidates = mu.sample(obs, args.num_samples, temperature=args.temperature)  # [B, N, A]
+    q_values = q_ensemble(obs, candidates)  # [K, B, N]
+    score = q_values.mean(0) + args.ucb_beta * q_values.std(0, correction=0)  # the population std over K
+    return candidates[torch.arange(len(obs), device=obs.device), score.argmax(-1)]
 
 
 # ----- Evaluation (the same code as emaq_offline.py's; observations are not normalized online) -----------------------
 def evaluate(policy, envs, obs_space, normalize, seed: int, device, frames: list | None = None) -> np.ndarray:
-    """Undiscounted return of the first episode of every sub-environment. The policy draws from its own generator,
-    seeded like the episodes: evaluating never moves the training's random streams. With a `frames` list, the first
-    sub-environment's episode is rendered into it (rendering reads the simulation, never changes it)."""
-    obs, _ = envs.reset(seed=seed)
-    generator = torch.Generator(device).manual_seed(seed)
+    """Return of every sub-environment's first episode (the policy's own generator: training's streams never move)."""
+    (obs, _), generator = envs.reset(seed=seed), torch.Generator(device).manual_seed(seed)
     returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
-    if frames is not None:
+    if frames is not None:  # the first sub-environment's episode, rendered
         frames.append(envs.unwrapped.envs[0].render())
     while not done.all():
         obs_t = normalize(torch.as_tensor(flatten_obs(obs_space, obs), device=device))
@@ -314,8 +266,7 @@ def evaluate(policy, envs, obs_space, normalize, seed: int, device, frames: list
 
 
 def flatten_obs(space: gym.Space, obs) -> np.ndarray:
-    """[T, ...] observations -> [T, obs_dim] float32. Dict spaces are concatenated in the space's key order, by the
-    same function for the dataset and the evaluation environment, so the order always agrees."""
+    """[T, ...] observations -> [T, obs_dim] float32; Dict spaces concatenated in the space's key order."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten_obs(sub, obs[key]) for key, sub in space.spaces.items()], axis=1)
     if isinstance(space, gym.spaces.Box):
@@ -324,21 +275,15 @@ def flatten_obs(space: gym.Space, obs) -> np.ndarray:
     fail(f"unsupported observation space {space}: use Box or (nested) Dict of Box observations")
 
 
-COUNTERS = ("global_step", "num_updates", "cycle_steps", "cycle_updates", "work")  # checkpointed, with the evaluations
-
-
 def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     ckpt = load_checkpoint(args) if args.resume else None
     args = check_args(args, device)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.manual_seed(args.seed)  # training draws from torch's generator only (the environments from their own)
 
     # Environments, and the replay buffer on the training device
     envs = make_envs(args.env_id, args.num_envs)
-    video = args.capture_video and renders_offscreen(lambda: gym.make(args.env_id, **VIDEO_RENDER))
+    video = args.capture_video and renders_offscreen(args.env_id)
     eval_envs = make_envs(args.env_id, args.eval_episodes, video)  # video: the first episode of every evaluation
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = action_bounds(envs.single_action_space)
@@ -354,25 +299,20 @@ def main(args: Args):
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
     q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
     models = dict(mu=mu, mu_optimizer=mu_optimizer, q_ensemble=q_ensemble, q_target=q_target, q_optimizer=q_optimizer)
-    # where the loop stands: env steps, updates, the current cycle's steps and updates, steps + updates; evaluations
-    counters = restore_checkpoint(ckpt, models, buf, args.num_envs) if ckpt else dict.fromkeys(COUNTERS, 0)
-    global_step, num_updates, cycle_steps, cycle_updates, work = (counters[key] for key in COUNTERS)
-    history = counters.get("history", [])  # [env step, mean return] of every evaluation
-    envs.action_space.seed(args.seed + global_step)  # fresh episodes, also on resume
-    obs, _ = envs.reset(seed=args.seed + global_step)
+    # where the loop stands (checkpointed): env steps, updates, this cycle's steps and updates, steps + updates, evals
+    at = SimpleNamespace(global_step=0, num_updates=0, cycle_steps=0, cycle_updates=0, work=0, history=[])
+    vars(at).update(restore_checkpoint(ckpt, models, buf, args.num_envs) if ckpt else {})
+    envs.action_space.seed(args.seed + at.global_step)  # fresh episodes, also on resume
+    obs, _ = envs.reset(seed=args.seed + at.global_step)
     ended = np.zeros(args.num_envs, dtype=bool)  # the sub-envs whose episode ended on the last step
     run_dir, writer = open_run_dir(args, ckpt)
-    resuming = f", resuming at step {global_step}, update {num_updates}" if ckpt else ""
+    resuming = f", resuming at step {at.global_step}, update {at.num_updates}" if ckpt else ""
     log(f"{args.env_id}: obs {obs_dim}, actions {act_dim}, device {device}, run {run_dir}{resuming}")
     if device.type == "cpu" and args.total_timesteps >= 1_000_000:
         log("note: Appendix F's configuration takes days on a CPU; see README.md")
     nonfinite_at = torch.full((), -1, device=device)  # the first update whose loss was NaN/Inf; read when logging
-
-    def save(done=False):
-        counters = dict(zip(COUNTERS, (global_step, num_updates, cycle_steps, cycle_updates, work), strict=True))
-        save_checkpoint(run_dir, counters | dict(history=history, done=done), models, buf, nonfinite_at)
-
-    handle_stop_signals()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill: checkpoint at the next step or update, then exit
+        signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))
 
     # One update: a maximum-likelihood step of mu, then eq. 10 for the Q ensemble, on two replay batches
     target_mu, target_q = mu, q_target  # in bf16, the target reads bf16 copies (refreshed after every step)
@@ -398,70 +338,75 @@ def main(args: Args):
     def policy(obs, generator):  # Algorithm 1, at temperature 1
         return test_time_policy(mu, q_ensemble, obs, args.num_samples, args.test_ensemble_lambda, generator)
 
-    progress = tqdm(total=args.total_timesteps, initial=global_step, desc="env steps", mininterval=1.0)
-    start_time, start_step = time.time(), global_step  # charts/SPS: env steps per second of this process
-    while global_step < args.total_timesteps or cycle_steps > 0:
+    def checkpoint(end=False):  # every --checkpoint-every steps + updates, at the end, and on a stop signal (then exit)
+        stop = STOP["signal"] is not None and not end
+        if end or stop or at.work % args.checkpoint_every == 0:
+            save_checkpoint(run_dir, vars(at) | {"done": end}, models, buf, nonfinite_at)
+        if stop:
+            resume = f"python emaq_online.py --resume {run_dir}"
+            fail(f"stopped by signal {STOP['signal']}, checkpoint written; resume: {resume}", code=130)
+
+    progress = tqdm(total=args.total_timesteps, initial=at.global_step, desc="env steps", mininterval=1.0)
+    t0, step0 = time.time(), at.global_step  # charts/SPS: env steps per second of this process
+    while at.global_step < args.total_timesteps or at.cycle_steps > 0:
         # Collect M environment steps with the current policy, frozen while it collects
-        while cycle_steps < args.trajectory_batch_size and global_step < args.total_timesteps:
-            if global_step < args.learning_starts:
+        while at.cycle_steps < args.trajectory_batch_size and at.global_step < args.total_timesteps:
+            if at.global_step < args.learning_starts:
                 actions = envs.action_space.sample()
             else:
-                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-                actions = explore(mu, q_ensemble, obs_t, args).cpu().numpy()
+                actions = explore(mu, q_ensemble, torch.as_tensor(obs, device=device).float(), args).cpu().numpy()
             obs, ended, real, infos = step_and_store(envs, obs, actions, ended, buf)
             for i in np.nonzero(ended & infos.get("_episode", ended))[0]:
-                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
-            global_step, cycle_steps, work = global_step + int(real.sum()), cycle_steps + int(real.sum()), work + 1
-            progress.update(int(real.sum()))
-            if global_step >= (len(history) + 1) * args.eval_every:
+                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], at.global_step)
+            n = int(real.sum())  # transitions stored (none from a sub-env that was reset)
+            at.global_step, at.cycle_steps, at.work = at.global_step + n, at.cycle_steps + n, at.work + 1
+            progress.update(n)
+            if at.global_step >= (len(at.history) + 1) * args.eval_every:
                 frames = [] if video else None
                 space = envs.single_observation_space
                 returns = evaluate(policy, eval_envs, space, lambda o: o, args.eval_seed, device, frames)
                 if frames:
-                    write_video(run_dir, f"step_{global_step:07d}", frames, eval_envs.metadata.get("render_fps", 30))
-                history.append([global_step, float(returns.mean())])
-                writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+                    write_video(f"{run_dir}/videos/step_{at.global_step:07d}.mp4", frames, eval_envs.metadata)
+                at.history.append([at.global_step, float(returns.mean())])
+                writer.add_scalar("eval/episodic_return", returns.mean(), at.global_step)
                 progress.set_postfix(ret=f"{returns.mean():.0f}")
-            if work % args.checkpoint_every == 0:
-                save()
-            stop_if_requested(save, run_dir)
+            checkpoint()
 
         # Then M updates of mu and of the Q ensemble, one per collected step
-        learning = global_step >= args.learning_starts and buf["size"] >= args.batch_size
-        while learning and cycle_updates < cycle_steps:
+        learning = at.global_step >= args.learning_starts and buf["size"] >= args.batch_size
+        while learning and at.cycle_updates < at.cycle_steps:
             metrics = update(buffer_sample(buf, args.batch_size), buffer_sample(buf, args.batch_size))
-            num_updates, cycle_updates, work = num_updates + 1, cycle_updates + 1, work + 1
+            at.num_updates, at.cycle_updates, at.work = at.num_updates + 1, at.cycle_updates + 1, at.work + 1
             finite = torch.stack([torch.isfinite(metrics[k]) for k in ("qf_loss", "qf_values", "behavior_nll")]).all()
-            nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, num_updates, nonfinite_at)
-            if num_updates % args.log_every == 0:
+            nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, at.num_updates, nonfinite_at)
+            if at.num_updates % args.log_every == 0:
                 stop_if_nonfinite(nonfinite_at, run_dir)  # host syncs: once per log interval
                 for key, value in metrics.items():
-                    writer.add_scalar(f"losses/{key}", value.item(), global_step)
-                writer.add_scalar("charts/SPS", (global_step - start_step) / (time.time() - start_time), global_step)
-            if work % args.checkpoint_every == 0:
-                save()
-            stop_if_requested(save, run_dir)
-        cycle_steps, cycle_updates = 0, 0
+                    writer.add_scalar(f"losses/{key}", value.item(), at.global_step)
+                writer.add_scalar("charts/SPS", (at.global_step - step0) / (time.time() - t0), at.global_step)
+            checkpoint()
+        at.cycle_steps, at.cycle_updates = 0, 0
     progress.close()
 
-    save(done=True)  # the last checkpoint holds the models and the replay buffer (tools/export_replay.py reads it)
+    checkpoint(end=True)  # the last checkpoint holds the models and the replay buffer (tools/export_replay.py reads it)
     for closable in (envs, eval_envs, writer):
         closable.close()
-    atomic_save(dict(env_id=args.env_id, history=history, num_updates=num_updates), f"{run_dir}/summary.json")
-    last = f"{history[-1][1]:.1f} (best {max(h[1] for h in history):.1f})" if history else "n/a"
-    print(f"{args.env_id} | {global_step} env steps, {num_updates} updates | eval return {last} | {run_dir}")
-    return {"history": history, "num_updates": num_updates}
+    atomic_save(dict(env_id=args.env_id, history=at.history, num_updates=at.num_updates), f"{run_dir}/summary.json")
+    last = f"{at.history[-1][1]:.1f} (best {max(h[1] for h in at.history):.1f})" if at.history else "n/a"
+    print(f"{args.env_id} | {at.global_step} env steps, {at.num_updates} updates | eval return {last} | {run_dir}")
+    return {"history": at.history, "num_updates": at.num_updates}
 
 
-# ----- Helpers of main: checks, logging, speed, the run directory, checkpoints and resume, signals, videos -----------
-POSITIVE = ("trajectory_batch_size", "num_samples", "num_qs", "num_envs", "buffer_size", "batch_size", "q_hidden")
-POSITIVE += ("q_layers", "eval_every", "eval_episodes", "log_every", "checkpoint_every")  # flags that must be >= 1
+# ----- Helpers of main: checks, logging, speed, the run directory, checkpoints and resume, videos --------------------
+STOP = {"signal": None}  # set by SIGINT/SIGTERM; the training loop checkpoints and exits at the next step or update
+VIDEO_RENDER = dict(render_mode="rgb_array", width=320, height=240)  # --capture-video; mp4 wants multiples of 16
 
 
 def check_args(args: Args, device) -> Args:
     """Resolve the 'auto' speed flags, refuse impossible values."""
     resolve_speed_flags(args, device)
-    for name in POSITIVE:
+    sizes = ("trajectory_batch_size", "num_samples", "num_qs", "num_envs", "buffer_size", "batch_size", "q_hidden")
+    for name in (*sizes, "q_layers", "eval_every", "eval_episodes", "log_every", "checkpoint_every"):  # all >= 1
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not (0 <= args.ensemble_lambda <= 1 and 0 <= args.test_ensemble_lambda <= 1 and args.temperature > 0):
@@ -476,29 +421,22 @@ def log(message: str):
     tqdm.write(message, file=sys.stderr)
 
 
-def close_progress_bars():
-    """Close open progress bars, so that the line printed next is the last one on the screen."""
+def fail(message: str, code: int = 2):
+    """End the run with one clear line, the last on the screen: an error (code 2; no traceback), or a stop (130)."""
     for bar in list(getattr(tqdm, "_instances", [])):
         bar.close()
-
-
-def fail(message: str):
-    """End the run with one clear line and exit code 2; no traceback for a user's mistake."""
-    close_progress_bars()
-    log(f"error: {message}")
-    sys.exit(2)
+    log(f"error: {message}" if code == 2 else message)
+    sys.exit(code)
 
 
 # ----- speed: bf16 read copies, target chunks, torch.compile and CUDA graphs (as in emaq_offline.py) -------
 def resolve_speed_flags(args, device):
-    """'auto' speed flags: bf16 where the device computes it natively (CUDA with bf16, AVX512-BF16 or AMX on a CPU),
-    compile and CUDA graphs on a GPU only (no gain on a CPU)."""
-    if args.precision == "auto":  # torch.cpu's helpers are private: where a build lacks them, assume no native bf16
-        cpu_checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        cpu_native = any(getattr(torch.cpu, f, lambda: False)() for f in cpu_checks)
-        args.precision = "bf16" if (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_native) else "fp32"
-    if args.compile == "auto":
-        args.compile = "on" if device.type == "cuda" else "off"
+    """'auto': bf16 where native (CUDA, AVX512-BF16, AMX); compile and CUDA graphs on a GPU only (no gain on a CPU)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private to torch.cpu: absent means no
+    cpu_bf16 = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_bf16
+    args.precision = ("bf16" if native else "fp32") if args.precision == "auto" else args.precision
+    args.compile = ("on" if device.type == "cuda" else "off") if args.compile == "auto" else args.compile
     if args.cudagraphs == "auto":
         args.cudagraphs = "on" if device.type == "cuda" and args.compile == "on" else "off"
 
@@ -508,16 +446,12 @@ def autocast(precision: str, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-MU_OUTPUT, Q_OUTPUT = (
-    ("head_out_w", "head_out_b", "decoder_out"),
-    ("w_out", "b_out"),
-)  # output layers: fp32 in the bf16 read copies
-CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU; see target_states_per_chunk
+MU_OUTPUT, Q_OUTPUT = ("head_out_w", "head_out_b", "decoder_out"), ("w_out", "b_out")  # fp32 in the bf16 copies
+CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU: a few MB stay in the caches (30-60 MB page-fault)
 
 
 def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
-    """A frozen copy with bf16 parameters except the output layers `keep_fp32` (they make the compared values, in fp32):
-    autocast would cast the fp32 weights at every call and chunk; the target reads these, refreshed once per update."""
+    """A frozen bf16 copy, but for the fp32 output layers `keep_fp32`: the target reads it (autocast would recast)."""
     module = copy.deepcopy(module).requires_grad_(False)
     for name, p in module.named_parameters():
         if name.split(".")[0] not in keep_fp32:
@@ -526,27 +460,21 @@ def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
 
 
 def target_states_per_chunk(args, mu, device) -> int:
-    """Next states per target chunk: as many as half the free memory holds (refused if not one); on a CPU at most
-    CPU_TARGET_ROWS // N, so that activations of a few MB stay in the caches (30-60 MB are page-faulted afresh)."""
+    """Next states per target chunk: what --target-memory-gb (or half the free memory) holds; a CPU: CPU_TARGET_ROWS."""
     per_state = 4 * args.num_samples * (3 * args.num_qs * args.q_hidden + mu.floats_per_sample)
-    if args.target_memory_gb:
-        budget = args.target_memory_gb * 2**30
-    elif device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] / 2
-    else:
-        budget = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 if hasattr(os, "sysconf") else 2**32
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")  # a CPU: chunks of a few MB
+    budget = args.target_memory_gb * 2**30 if args.target_memory_gb else free / 2
     if per_state > budget:
+        needs, budget_gb = f"{per_state / 2**30:.2f} GiB per state for N={args.num_samples}", budget / 2**30
         fail(
-            f"the EMaQ target needs {per_state / 2**30:.2f} GiB per state for N={args.num_samples}, more than the "
-            f"{budget / 2**30:.2f} GiB budget: lower --num-samples or --num-qs"
+            f"the EMaQ target needs {needs}, more than the {budget_gb:.2f} GiB budget: lower --num-samples or --num-qs"
         )
     states = int(min(args.batch_size, budget // per_state))
     return states if device.type != "cpu" else max(1, min(states, CPU_TARGET_ROWS // args.num_samples))
 
 
 def compile_update(update, args):
-    """torch.compile the update (reduce-overhead: one CUDA graph per update); if compiling fails (no C++ compiler, no
-    Triton, an unsupported op), warn once and go on eagerly (a real error recurs eagerly)."""
+    """torch.compile the update (+ one CUDA graph per update); if compiling fails (no C++ compiler), go on eagerly."""
     if args.compile != "on":
         return update
     compiled = torch.compile(update, mode="reduce-overhead" if args.cudagraphs == "on" else None, dynamic=False)
@@ -567,18 +495,18 @@ def compile_update(update, args):
     return compiled_update
 
 
-# ----- run directory, checkpoints, resume, signals -------------------------------------------------------
+# ----- run directory, checkpoints and resume; videos ------------------------------------------------------
 def open_run_dir(args: Args, ckpt):
     """runs_dir/<env>__<exp_name>__<seed>__<time>, or the resumed run's; config.json and the TensorBoard writer."""
     run_dir = args.resume or f"{args.runs_dir}/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     try:
         os.makedirs(run_dir, exist_ok=True)
-        atomic_save(asdict(args), os.path.join(run_dir, "config.json"))  # a resumed run may have a new total
+        atomic_save(dataclasses.asdict(args), f"{run_dir}/config.json")  # a resumed run may have a new total
     except OSError as e:
         fail(f"cannot write the run directory {run_dir}: {e.strerror}; pass a writable --runs-dir")
     writer = SummaryWriter(run_dir)
     if not ckpt:
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        table = "\n".join(f"|{key}|{value}|" for key, value in dataclasses.asdict(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     return run_dir, writer
 
@@ -597,45 +525,22 @@ def atomic_save(obj, path: str):
             os.remove(f"{path}.tmp")
 
 
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": [version, torch.tensor(py_state), py_gauss],
-    }
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate((state["python"][0], tuple(state["python"][1].tolist()), state["python"][2]))
-
-
 def save_checkpoint(run_dir, counters: dict, models: dict, buf: dict, nonfinite_at):
-    """Models, optimizers, the filled part of the replay buffer, the RNGs and the loop's counters; never a state that
-    went NaN/Inf (the previous checkpoint stays the last good one)."""
+    """Models, optimizers, the buffer's rows, torch's RNG (training draws from it alone), counters; never a NaN/Inf."""
     stop_if_nonfinite(nonfinite_at, run_dir)
-    state = {key: module.state_dict() for key, module in models.items()} | dict(counters=counters, rng=rng_state())
-    state["buffer"] = {
-        k: v[: buf["size"]].clone() if torch.is_tensor(v) else v for k, v in buf.items()
-    }  # its rows only
+    rng = dict(rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    state = {key: module.state_dict() for key, module in models.items()} | dict(counters=counters) | rng
+    state["buffer"] = {k: v[: buf["size"]].clone() if torch.is_tensor(v) else v for k, v in buf.items()}  # its rows
     try:
-        atomic_save(state, os.path.join(run_dir, "checkpoint.pt"))
-        atomic_save({key: counters[key] for key in COUNTERS[:2]}, os.path.join(run_dir, "checkpoint.json"))
+        atomic_save(state, f"{run_dir}/checkpoint.pt")
+        atomic_save({key: counters[key] for key in ("global_step", "num_updates")}, f"{run_dir}/checkpoint.json")
     except OSError as e:
         fail(f"could not write a checkpoint into {run_dir} ({e.strerror}); {last_checkpoint(run_dir)} is intact")
 
 
 def last_checkpoint(run_dir) -> str:
     try:
-        with open(os.path.join(run_dir, "checkpoint.json")) as f:
-            meta = json.load(f)
+        meta = json.load(open(os.path.join(run_dir, "checkpoint.json")))
         return f"the checkpoint {run_dir}/checkpoint.pt (env step {meta['global_step']}, update {meta['num_updates']})"
     except (OSError, ValueError, KeyError):
         return "no earlier checkpoint"
@@ -644,30 +549,23 @@ def last_checkpoint(run_dir) -> str:
 def stop_if_nonfinite(nonfinite_at: torch.Tensor, run_dir):
     """Fail, naming the first update whose loss or Q values were NaN/Inf (a host sync: call at log intervals)."""
     if (bad := int(nonfinite_at)) >= 0:
-        fail(
-            f"the losses became NaN/Inf at update {bad}; the last good state is {last_checkpoint(run_dir)}: resume "
-            f"from it with a lower --q-lr (or --behavior-lr), or check the rewards"
-        )
+        good = last_checkpoint(run_dir)
+        fail(f"the losses became NaN/Inf at update {bad}; resume from {good} with a lower --q-lr (or --behavior-lr)")
 
 
 def read_config(run_dir: str) -> Args:
-    """The flags of the run in `run_dir` (its config.json)."""
     try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
+        return Args(**json.load(open(os.path.join(run_dir, "config.json"))))
     except (OSError, ValueError, TypeError) as e:
         fail(f"{run_dir} is not a run directory of emaq_online.py ({e}); pass runs/<run name>")
 
 
 def load_checkpoint(args: Args) -> dict:
-    """--resume: the run's checkpoint. A flag whose value differs from the run's is refused, except the speed flags and
-    --total-timesteps (a larger one extends the run, also a finished one)."""
+    """--resume: refuse flags that change what is computed (speed flags may change; more --total-timesteps extend)."""
     saved, free = read_config(args.resume), ("resume", "cuda", "compile", "cudagraphs", "target_memory_gb")
-    conflicts = [
-        f"--{f.name.replace('_', '-')} {getattr(args, f.name)} (the run has {getattr(saved, f.name)})"
-        for f in dataclasses.fields(Args)
-        if f.name not in (*free, "total_timesteps") and getattr(args, f.name) != getattr(saved, f.name)
-    ]
+    free += ("total_timesteps",)  # a larger one extends the run
+    changed = [k for k, v in dataclasses.asdict(args).items() if k not in free and v != getattr(saved, k)]
+    conflicts = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {getattr(saved, k)})" for k in changed]
     if conflicts:
         fail(f"cannot resume {args.resume} with {', '.join(conflicts)}: resume without them, or start a new run")
     path = os.path.join(args.resume, "checkpoint.pt")
@@ -678,17 +576,13 @@ def load_checkpoint(args: Args) -> dict:
         fail(f"{args.resume} has no checkpoint.pt yet (one comes every --checkpoint-every steps): start a new run")
     except Exception as e:
         fail(f"{path} is truncated or not a checkpoint of emaq_online.py ({type(e).__name__}): start a new run")
-    if done and args.total_timesteps <= steps:
-        fail(f"the run in {args.resume} already finished: extend it with a larger --total-timesteps")
-    if args.total_timesteps < steps:
-        fail(f"--total-timesteps {args.total_timesteps} is below the run's {steps} steps: pass a larger one")
+    if args.total_timesteps < steps or (done and args.total_timesteps == steps):
+        fail(f"{args.resume} {'already finished' if done else 'is'} at step {steps}: pass a larger --total-timesteps")
     return ckpt
 
 
 def restore_checkpoint(ckpt: dict, models: dict, buf: dict, num_envs: int) -> dict:
-    """Models, optimizers, the replay buffer and the RNGs, exactly; returns the loop's counters. The run goes on in
-    fresh environments: the episode each one had running ends at its newest stored transition, now marked truncated,
-    so that no transition joins two episodes."""
+    """Models, optimizers, the replay buffer and torch's RNG, exactly; returns the counters of the loop."""
     for key, module in models.items():
         module.load_state_dict(ckpt[key])
     for key, value in ckpt["buffer"].items():  # row for row, as it was
@@ -696,68 +590,44 @@ def restore_checkpoint(ckpt: dict, models: dict, buf: dict, num_envs: int) -> di
             buf[key][: len(value)] = value.to(buf[key].device)
     buf["size"], buf["ptr"] = ckpt["buffer"]["size"], ckpt["buffer"]["ptr"]
     order = replay_order(buf)
-    for i in range(num_envs):
+    for i in range(num_envs):  # the run goes on in fresh environments: each running episode ends here, truncated
         newest = order[buf["env"][order] == i][-1:]
         buf["truncated"][newest] = torch.maximum(buf["truncated"][newest], 1 - buf["terminals"][newest])
-    set_rng_state(ckpt["rng"])
+    torch.set_rng_state(ckpt["rng"])
+    if torch.cuda.is_available() and ckpt["cuda_rng"]:
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     return ckpt["counters"]
 
 
-STOP = {"signal": None}  # set by SIGINT/SIGTERM; the training loops checkpoint and exit at the next update
-
-
-def handle_stop_signals():
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))
-
-
-def stop_if_requested(save, run_dir):
-    if STOP["signal"] is not None:
-        save()
-        close_progress_bars()
-        log(f"stopped by signal {STOP['signal']}, checkpoint written; resume: python emaq_online.py --resume {run_dir}")
-        sys.exit(130)
-
-
-# ----- videos (--capture-video): the first episode of every evaluation, as mp4 ---------------------------
-VIDEO_RENDER = dict(render_mode="rgb_array", width=320, height=240)  # mp4 encoders want multiples of 16
-
-
-def renders_offscreen(make_render_env) -> bool:
-    """Whether the evaluation environment renders here; if not, one line says why and the run goes on without videos.
-    Without a display, MuJoCo renders with EGL (a GPU's, or Mesa's software renderer), unless MUJOCO_GL is set."""
+def renders_offscreen(env_id: str) -> bool:
+    """Whether env_id renders here, else a note why. Without a display, MuJoCo uses EGL unless MUJOCO_GL is set."""
     if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
         os.environ["MUJOCO_GL"] = "egl"
     hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None  # a half-built renderer complains when freed
     try:
         import imageio_ffmpeg  # noqa: F401  (the mp4 writer)
 
-        env = make_render_env()
-        env.reset(seed=0)
-        frame, _ = env.render(), env.close()
-        if frame is None:
-            raise RuntimeError("render() returned no frame")
-        return True
+        with gym.make(env_id, **VIDEO_RENDER) as env:
+            env.reset(seed=0)
+            why = None if env.render() is not None else "render() returned no frame"
     except Exception as e:
         why = f"{type(e).__name__}: {(str(e).splitlines() or ['no message'])[0][:120]}"
-        log(
-            f"note: --capture-video: no videos, the environment cannot render here ({why}); MUJOCO_GL=egl needs "
-            "libEGL (a GPU's driver or Mesa), MUJOCO_GL=osmesa needs libOSMesa; the run goes on without videos"
-        )
-        return False
     finally:
         gc.collect()
         sys.unraisablehook = hook
+    if why:
+        needs = "MUJOCO_GL=egl needs libEGL (a GPU's driver or Mesa), MUJOCO_GL=osmesa needs libOSMesa"
+        log(f"note: --capture-video: no videos, the environment cannot render here ({why}); {needs}")
+    return not why
 
 
-def write_video(run_dir: str, name: str, frames: list, fps: float):
-    """runs/<run>/videos/<name>.mp4, written beside and renamed into place."""
+def write_video(path: str, frames: list, metadata: dict):
+    """An mp4 at the environment's frame rate, written beside `path` and renamed into place."""
     import imageio.v2 as imageio
 
-    path = os.path.join(run_dir, "videos", f"{name}.mp4")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    imageio.mimwrite(path + ".tmp.mp4", frames, fps=fps, macro_block_size=16)
-    os.replace(path + ".tmp.mp4", path)
+    imageio.mimwrite(f"{path}.tmp.mp4", frames, fps=metadata.get("render_fps", 30), macro_block_size=16)
+    os.replace(f"{path}.tmp.mp4", path)
 
 
 if __name__ == "__main__":

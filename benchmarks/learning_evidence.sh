@@ -9,7 +9,7 @@ RUNS=${RUNS:-runs/evidence}
 # Offline, random HalfCheetah-v5 (the default dataset), N = 5, in fp32 (the default when these were measured). One mu (seed 1) is pretrained, then reused by
 # every seed, as the paper does for a sweep.
 python emaq_offline.py --num-samples 5 --preset table3 --num-qs 4 --q-hidden 256 --q-layers 3 --batch-size 256 \
-    --behavior-updates 20000 --total-updates 0 --runs-dir "$RUNS/mu" --exp-name mu_only --delta-ns --precision fp32
+    --behavior-updates 20000 --total-updates 0 --runs-dir "$RUNS/mu" --exp-name mu_only --precision fp32
 MU=$(ls -d "$RUNS"/mu/*/ | head -n 1)mu.pt
 for seed in 1 2 3; do
   python emaq_offline.py --num-samples 5 --preset table3 --num-qs 4 --q-hidden 256 --q-layers 3 --batch-size 256 \
@@ -24,7 +24,7 @@ for precision in fp32 bf16; do
     python emaq_offline.py --num-samples 5 --preset table3 --num-qs 4 --q-hidden 256 --q-layers 3 --batch-size 256 \
         --behavior-path "$MU" --behavior-updates 0 --total-updates 10000 --eval-every 2500 --eval-episodes 5 \
         --checkpoint-every 2500 --runs-dir "$RUNS/precision_$precision" --exp-name cmp_$precision --seed $seed \
-        --precision $precision --delta-ns &
+        --precision $precision &
   done
 done
 wait
@@ -52,22 +52,22 @@ export MINARI_DATASETS_PATH=${MINARI_DATASETS_PATH:-../shared/datasets}
 WALKER=practice/walker2d/medium-v0
 CPU_CONFIG=(--num-samples 5 --preset table3 --num-qs 4 --q-hidden 256 --q-layers 3 --batch-size 256)
 OMP_NUM_THREADS=2 python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-updates 20000 \
-    --total-updates 0 --runs-dir "$RUNS/walker_mu" --exp-name mu_only --delta-ns --eval-episodes 10
+    --total-updates 0 --runs-dir "$RUNS/walker_mu" --exp-name mu_only --eval-episodes 10
 WALKER_MU=$(ls -d "$RUNS"/walker_mu/*/ | head -n 1)mu.pt
 for precision in fp32 bf16; do
   for seed in 1 2; do
     python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-path "$WALKER_MU" --behavior-updates 0 \
         --total-updates 30000 --eval-every 5000 --eval-episodes 10 --checkpoint-every 5000 \
         --runs-dir "$RUNS/walker_precision_$precision" --exp-name walker_$precision --seed $seed --precision $precision \
-        --delta-ns &
+        &
   done
 done
 wait
 
 # Medium-quality data (issue #18; README, "Medium-quality data"). 1) The runs above, diagnosed and evaluated over 100
 # episodes at test-time N in {1, 2, 5, 10, 25} (N = 1 is mu itself); mu's deterministic policy is N = 1 at temperature 0.
-python benchmarks/diagnose_q.py "$RUNS"/walker_precision_*/*/ --ns 1 2 5 10 25 --episodes 100 --json "$RUNS/walker_diag_base.json"
-python benchmarks/diagnose_q.py "$(ls -d "$RUNS"/walker_precision_bf16/*/ | head -n 1)" --ns 1 5 --temperatures 0.0 0.5 \
+python tools/diagnose_q.py "$RUNS"/walker_precision_*/*/ --ns 1 2 5 10 25 --episodes 100 --json "$RUNS/walker_diag_base.json"
+python tools/diagnose_q.py "$(ls -d "$RUNS"/walker_precision_bf16/*/ | head -n 1)" --ns 1 5 --temperatures 0.0 0.5 \
     --episodes 100 --json "$RUNS/walker_diag_temperature.json"
 # 2) One change at a time from the CPU configuration (seed 1, the same mu, 30k updates, final evaluation over 50
 # episodes), two runs at a time; then each diagnosed like the runs above.
@@ -79,25 +79,25 @@ for i in "${!ABLATIONS[@]}"; do
   shift
   python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-path "$WALKER_MU" --behavior-updates 0 \
       --total-updates 30000 --eval-every 10000 --eval-episodes 10 --final-eval-episodes 50 --checkpoint-every 10000 \
-      --precision bf16 --delta-ns --runs-dir "$RUNS/walker_ablation/$name" --exp-name "$name" --seed 1 "$@" &
+      --precision bf16 --runs-dir "$RUNS/walker_ablation/$name" --exp-name "$name" --seed 1 "$@" &
   if (( i % 2 == 1 )); then wait; fi
 done
 wait
 # Without observation normalization mu must be trained again on raw observations (a saved mu is refused).
 python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-updates 20000 --total-updates 30000 \
-    --eval-every 10000 --final-eval-episodes 50 --precision bf16 --delta-ns --runs-dir "$RUNS/walker_ablation/noobsnorm" \
+    --eval-every 10000 --final-eval-episodes 50 --precision bf16 --runs-dir "$RUNS/walker_ablation/noobsnorm" \
     --exp-name noobsnorm --no-normalize-obs
-python benchmarks/diagnose_q.py "$RUNS"/walker_ablation/*/*/ --ns 1 2 5 10 25 --episodes 100 \
+python tools/diagnose_q.py "$RUNS"/walker_ablation/*/*/ --ns 1 2 5 10 25 --episodes 100 \
     --json "$RUNS/walker_diag_ablations.json"
 
 # The VAE behavior model (issue #16; README, "The VAE behavior model"): each mu once (20k updates, its sampled and
 # greedy policies over 100 episodes), then EMaQ with N = 5 over each, 10k updates, last evaluation over 50 episodes.
 for model in autoregressive vae; do
   OMP_NUM_THREADS=2 python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-model $model \
-      --behavior-updates 20000 --total-updates 0 --eval-episodes 100 --delta-ns --runs-dir "$RUNS/walker_mu_$model"
+      --behavior-updates 20000 --total-updates 0 --eval-episodes 100 --runs-dir "$RUNS/walker_mu_$model"
   python emaq_offline.py --dataset-id $WALKER "${CPU_CONFIG[@]}" --behavior-model $model \
       --behavior-path "$(ls -d "$RUNS"/walker_mu_$model/*/ | head -n 1)mu.pt" --behavior-updates 0 --total-updates 10000 \
-      --eval-every 5000 --final-eval-episodes 50 --delta-ns --runs-dir "$RUNS/walker_emaq_$model"
+      --eval-every 5000 --final-eval-episodes 50 --runs-dir "$RUNS/walker_emaq_$model"
 done
 
 # The CPU preset's grid (issue #17; README, "The CPU preset"): the preset's sizes, 30k updates, seed 1, one mu per
@@ -110,24 +110,24 @@ minari.combine_datasets([medium, expert], "practice/walker2d/medium-expert-v0") 
 PY
 for data in medium expert medium-expert; do
   python emaq_offline.py --dataset-id practice/walker2d/$data-v0 --preset cpu --total-updates 0 --eval-episodes 100 \
-      --delta-ns --runs-dir "$RUNS/grid_mu_$data"
+      --runs-dir "$RUNS/grid_mu_$data"
   GRID_MU=$(ls -d "$RUNS"/grid_mu_$data/*/ | head -n 1)mu.pt
   for n in 5 10; do for lr in 1e-4 3e-4; do for ema in 0.995 0.98; do
     python emaq_offline.py --dataset-id practice/walker2d/$data-v0 --preset cpu --behavior-path "$GRID_MU" \
         --behavior-updates 0 --num-samples $n --q-lr $lr --ema $ema --eval-every 10000 --final-eval-episodes 50 \
-        --delta-ns --runs-dir "$RUNS/grid_$data" --exp-name "n${n}_lr${lr}_ema${ema}" &
+        --runs-dir "$RUNS/grid_$data" --exp-name "n${n}_lr${lr}_ema${ema}" &
   done; done; wait; done
 done
 # Issue #18's last two ablations, on the medium mu of the grid (same seed): Q width 750, and raw observations (own mu).
 MEDIUM_MU=$(ls -d "$RUNS"/grid_mu_medium/*/ | head -n 1)mu.pt
-PAPER_RATES=(--preset cpu --num-samples 5 --q-lr 1e-4 --ema 0.995 --eval-every 10000 --final-eval-episodes 50 --delta-ns)
+PAPER_RATES=(--preset cpu --num-samples 5 --q-lr 1e-4 --ema 0.995 --eval-every 10000 --final-eval-episodes 50)
 python emaq_offline.py --dataset-id $WALKER "${PAPER_RATES[@]}" --behavior-path "$MEDIUM_MU" --behavior-updates 0 \
     --q-hidden 750 --runs-dir "$RUNS/walker_ablation/width750" &
 python emaq_offline.py --dataset-id $WALKER "${PAPER_RATES[@]}" --no-normalize-obs --runs-dir "$RUNS/walker_ablation/noobsnorm30k" &
 wait
 # Issue #16 at N = 25 (10k updates, the paper's Q lr and EMA) over each model's mu; the VAE mu trained once here.
 python emaq_offline.py --dataset-id $WALKER --preset cpu --behavior-model vae --total-updates 0 --eval-episodes 100 \
-    --delta-ns --runs-dir "$RUNS/grid_mu_medium_vae"
+    --runs-dir "$RUNS/grid_mu_medium_vae"
 for model in autoregressive vae; do
   mu_dir=$([ $model = vae ] && echo grid_mu_medium_vae || echo grid_mu_medium)
   python emaq_offline.py --dataset-id $WALKER "${PAPER_RATES[@]}" --num-samples 25 --total-updates 10000 \
@@ -137,11 +137,11 @@ done
 wait
 # ... and on the default random HalfCheetah (N = 5 and 25, 10k updates; each model's mu trained once).
 for model in autoregressive vae; do
-  python emaq_offline.py --preset cpu --behavior-model $model --total-updates 0 --eval-episodes 100 --delta-ns \
+  python emaq_offline.py --preset cpu --behavior-model $model --total-updates 0 --eval-episodes 100 \
       --runs-dir "$RUNS/hc_mu_$model"
   for n in 5 25; do
     python emaq_offline.py --preset cpu --q-lr 1e-4 --ema 0.995 --behavior-model $model --num-samples $n \
         --behavior-path "$(ls -d "$RUNS"/hc_mu_$model/*/ | head -n 1)mu.pt" --behavior-updates 0 --total-updates 10000 \
-        --eval-every 5000 --final-eval-episodes 50 --delta-ns --runs-dir "$RUNS/hc_emaq_${model}_n$n"
+        --eval-every 5000 --final-eval-episodes 50 --runs-dir "$RUNS/hc_emaq_${model}_n$n"
   done
 done

@@ -182,8 +182,8 @@ def test_auto_settings_per_device(monkeypatch, capsys):
     assert (gpu.compile, gpu.cudagraphs) == ("on", "on")
     assert eo.check_args(eo.Args(precision="fp32", compile="off"), torch.device("cuda")).cudagraphs == "off"
     for bad, device, message in [
-        (dict(cudagraphs="on"), "cpu", "--cudagraphs on needs a CUDA GPU, and this run is on the CPU"),
-        (dict(precision="fp32", compile="off", cudagraphs="on"), "cuda", "pass --compile on, or --cudagraphs off"),
+        (dict(cudagraphs="on"), "cpu", "--cudagraphs on replays the compiled update on a CUDA GPU: it needs"),
+        (dict(precision="fp32", compile="off", cudagraphs="on"), "cuda", "it needs --compile on and a GPU"),
     ]:
         with pytest.raises(SystemExit):
             eo.check_args(eo.Args(**bad), torch.device(device))

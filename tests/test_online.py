@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import gymnasium as gym
 import imageio.v2 as imageio
@@ -48,14 +49,24 @@ def test_exploration_takes_the_highest_ucb_candidate_exactly():
             [[1.0, 0.0, 2.0, 0.6], [2.0, 0.0, 0.0, 3.0]],
         ]
     )
-    candidates = torch.arange(2 * 4 * 2, dtype=torch.float32).view(2, 4, 2)
+    candidates, obs, draws = torch.arange(2 * 4 * 2, dtype=torch.float32).view(2, 4, 2), torch.randn(2, 3), []
+    mu = SimpleNamespace(sample=lambda o, n, temperature: draws.append((o, n, temperature)) or candidates)
+
+    def q_ensemble(o, actions):  # the K members' values of exactly mu's N candidates
+        assert o is obs and actions is candidates
+        return q
+
+    def explore(beta):
+        return eon.explore(mu, q_ensemble, obs, eon.Args(num_samples=4, temperature=5.0, ucb_beta=beta))
+
     # beta = 0: best mean -> state 0 candidate 2 (mean 2.0); state 1 candidate 3 (mean 3.0)
-    assert torch.equal(eon.ucb_select(q, candidates, 0.0), candidates[[0, 1], [2, 3]])
+    assert torch.equal(explore(0.0), candidates[[0, 1], [2, 3]])
     # beta = 1: state 0 candidate 1 has mean 4/3 and population std 1.886 -> 3.22 > 2.0
-    assert torch.equal(eon.ucb_select(q, candidates, 1.0), candidates[[0, 1], [1, 3]])
+    assert torch.equal(explore(1.0), candidates[[0, 1], [1, 3]])
     # beta = 2.25, state 1: candidate 0 (values 0, 1, 2) scores 1 + 2.25 * 0.816 = 2.84 with the population std (eq. 67
     # over the K members), below candidate 3's 3.0; the sample std (1.0) would give 3.25 and pick candidate 0
-    assert torch.equal(eon.ucb_select(q, candidates, 2.25), candidates[[0, 1], [1, 3]])
+    assert torch.equal(explore(2.25), candidates[[0, 1], [1, 3]])
+    assert all(o is obs and (n, t) == (4, 5.0) for o, n, t in draws) and len(draws) == 3  # N samples at --temperature
 
 
 def test_transitions_never_join_two_episodes_across_autoreset():
@@ -119,6 +130,18 @@ def test_smoke_run_on_a_real_mujoco_env_with_videos(tmp_path):
         assert len(frames) >= 2 and frames[0].shape == (240, 320, 3)
 
 
+def test_capture_video_without_a_renderer_says_so_in_one_line_and_goes_on(tmp_path):
+    no_egl = {"MUJOCO_GL": "egl", "__EGL_VENDOR_LIBRARY_FILENAMES": "/no/such/egl_vendor.json"}
+    flags = ("--total-timesteps", "200", "--capture-video", "--runs-dir", str(tmp_path))
+    result = run_script("emaq_online.py", *ONLINE_TINY, *flags, env=no_egl)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    notes = [line for line in result.stderr.splitlines() if "--capture-video" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: ") and "MUJOCO_GL" in notes[0], notes
+    assert "200 env steps, 51 updates" in result.stdout and not os.path.exists(
+        os.path.join(only_run(tmp_path), "videos")
+    )
+
+
 def test_online_runs_with_the_vae_behavior_model(tmp_path):
     short = (
         "--total-timesteps",
@@ -171,7 +194,7 @@ def test_online_speed_path_compiles_the_shared_update_and_refreshes_the_bf16_cop
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)  # the wrapper runs; no compiler
     real_copy = eon.bf16_copy
     monkeypatch.setattr(eon, "bf16_copy", lambda module, keep: copies.append(real_copy(module, keep)) or copies[-1])
-    monkeypatch.setattr(eon, "handle_stop_signals", lambda: None)  # keep pytest's own handlers
+    monkeypatch.setattr(eon.signal, "signal", lambda *a: None)  # keep pytest's own handlers
     flags = dict(total_timesteps=200, learning_starts=150, eval_every=200, eval_episodes=2, behavior_preset="table3")
     flags |= dict(num_qs=2, q_hidden=32, q_layers=2, num_samples=8, batch_size=32, log_every=50)
     args = eon.Args(env_id="InvertedPendulum-v5", runs_dir=str(tmp_path), precision="bf16", compile="on", **flags)
@@ -301,6 +324,30 @@ def test_online_run_killed_mid_episode_resumes_in_fresh_environments(tmp_path):
         continues = (new["next_obs"][rows[:-1]] == new["obs"][rows[1:]]).all(1)
         assert torch.equal(continues, ~ended), i
         assert ended.sum() == 1 and rows[:-1][ended].tolist() == [newest[i]]  # the checkpoint, then a fresh episode
+
+
+def test_a_stop_signal_checkpoints_exits_130_and_the_run_resumes(tmp_path):
+    """SIGTERM mid-run: a checkpoint at the next step or update, then exit code 130 with one last line that names the
+    signal and the resume command; --resume then ends the run with the counts of a run that never stopped."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "emaq_online.py", *ONLINE_KILL, "--runs-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300  # the first checkpoint (40 steps + updates) comes after the signal handlers
+    while not glob.glob(str(tmp_path / "*" / "checkpoint.json")) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    run_dir = only_run(tmp_path)
+    last = stderr.strip().splitlines()[-1]  # the last thing on the screen
+    assert last == f"stopped by signal 15, checkpoint written; resume: python emaq_online.py --resume {run_dir}"
+    stopped = checkpoint(run_dir)["counters"]
+    assert not stopped["done"] and 0 < stopped["global_step"] < 300
+    resumed = run_script("emaq_online.py", "--resume", run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {stopped['global_step']}, update {stopped['num_updates']}" in resumed.stderr
+    assert "300 env steps, 210 updates" in resumed.stdout and checkpoint(run_dir)["counters"]["done"]
 
 
 def test_a_finished_online_run_extended_to_more_steps(tmp_path):

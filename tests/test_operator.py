@@ -233,7 +233,7 @@ def project_expected_max(q_tables, mu, n, lam, draws, seed=0):
     K, S, A = np.shape(q_tables)
     torch.manual_seed(seed)
     next_obs = torch.eye(S).repeat_interleave(draws, 0)
-    args = eo.Args(num_samples=n, ensemble_lambda=lam, gamma=1.0, backup="max")
+    args = eo.Args(num_samples=n, ensemble_lambda=lam, gamma=1.0)
     y = eo.emaq_target(mu, TableQ(q_tables), torch.zeros(S * draws), next_obs, torch.zeros(S * draws), args)
     return y.double().view(S, draws)
 

@@ -54,7 +54,7 @@ def test_table3_environments_construct_and_flatten(env_id):
     ],
 )
 def test_auto_preset_follows_the_paper(dataset_id, preset):
-    args = eo.check_args(eo.args_for(dataset_id=dataset_id), torch.device("cpu"))
+    args = eo.check_args(eo.cli(["--dataset-id", dataset_id]), torch.device("cpu"))
     assert args.preset == preset
     expected = {"mujoco": (256, 8, 750, 3), "table3": (128, 16, 256, 4)}[preset]  # Table 2 / Table 3
     assert (args.batch_size, args.num_qs, args.q_hidden, args.q_layers) == expected

@@ -11,7 +11,7 @@ import emaq_online as eon
 
 ALGORITHM = ["QEnsemble", "ensemble", "emaq_target", "emaq_update", "test_time_policy", "evaluate", "flatten_obs"]
 SPEED = ["resolve_speed_flags", "autocast", "bf16_copy", "target_states_per_chunk", "compile_update"]
-PLUMBING = ["log", "close_progress_bars", "fail", "atomic_save", "stop_if_nonfinite", "handle_stop_signals"]
+PLUMBING = ["log", "fail", "atomic_save", "stop_if_nonfinite"]
 SHARED_FUNCTIONS = ALGORITHM + SPEED + PLUMBING
 SHARED_CONSTANTS = ["MU_OUTPUT", "Q_OUTPUT", "CPU_TARGET_ROWS"]
 

@@ -133,6 +133,15 @@ def test_evaluate_run_gives_the_runs_last_evaluation_with_and_without_video(run_
     assert frames[0].shape == (240, 320, 3) and len({f.tobytes() for f in frames}) > len(frames) // 2  # it moves
 
 
+def test_evaluate_run_gives_the_runs_behavior_cloning_baselines(run_dir):
+    """--policy mu and mu-greedy: mu alone, as the run evaluated it before EMaQ (its last evaluation's episodes)."""
+    ckpt, config = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True), eo.read_config(run_dir)
+    for policy, key in (("mu", "returns"), ("mu-greedy", "greedy_returns")):
+        args = evaluate_run.Args(run_dir, episodes=config.final_eval_episodes or config.eval_episodes, policy=policy)
+        assert evaluate_run.main(args).tolist() == ckpt["mu_eval"][key], policy
+    assert ckpt["mu_eval"]["returns"] != ckpt["mu_eval"]["greedy_returns"]
+
+
 def test_evaluate_run_without_a_renderer_says_so_in_one_line_and_goes_on(run_dir, tmp_path):
     copy = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("videos"))
     no_egl = {"MUJOCO_GL": "egl", "__EGL_VENDOR_LIBRARY_FILENAMES": "/no/such/egl_vendor.json", **ONE_THREAD}

@@ -44,7 +44,7 @@ class Args:
 
 
 def returns_to_go(dataset, gamma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per transition, in episodes_to_transitions' order: the discounted return of the rest of the episode (the value
+    """Per transition, in load_transitions' order: the discounted return of the rest of the episode (the value
     of the behavior policy, which EMaQ with N = 1 estimates), and whether it is exact to 1%: a terminated episode, or
     a truncated one whose missing tail weighs gamma^(steps left) < 0.01."""
     values, exact = [], []

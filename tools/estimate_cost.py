@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import emaq_offline as eo  # noqa: E402
-from behavior_model import BehaviorModel, VAEBehaviorModel  # noqa: E402
+from behavior_model import VAEBehaviorModel  # noqa: E402
 
 
 def sample_flops(mu, num_states: int, n: int) -> int:
@@ -165,12 +165,7 @@ def main(args: eo.Args) -> tuple[str, float]:
     obs_mean, obs_std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
     normalize = (lambda o: (o - obs_mean) / obs_std) if args.normalize_obs else (lambda o: o)
     data["obs"], data["next_obs"] = normalize(data["obs"]), normalize(data["next_obs"])
-    if args.behavior_path:
-        mu = eo.load_behavior_model(args, obs_dim, act_dim).to(device)
-    elif args.behavior_model == "vae":
-        mu = VAEBehaviorModel(obs_dim, low, high).to(device)
-    else:
-        mu = BehaviorModel.from_preset(args.preset, obs_dim, low, high).to(device)
+    mu = eo.behavior_model(args, obs_dim, act_dim, low, high).to(device)
     q_ensemble = eo.QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
     envs = eo.make_eval_envs(dataset, args.eval_episodes)
     done = dict(phase="behavior", step=0)

@@ -1,7 +1,9 @@
 """Evaluate a finished run of emaq_offline.py again: its test-time policy (Algorithm 1, with the run's N and test
-lambda) on fresh episodes, one line on stdout, and with --capture-video the first episode as runs/<run>/videos/.
+lambda), or mu alone (--policy mu: one sample per step; mu-greedy: temperature 0), on fresh episodes, one line on
+stdout, and with --capture-video the first episode as runs/<run>/videos/.
 
     python tools/evaluate_run.py runs/<run> --episodes 100 --capture-video
+    python tools/evaluate_run.py runs/<mu run> --episodes 100 --policy mu   # a mu run of a sweep (--total-updates 0)
 
 Nothing else is written: the run folder stays as training left it.
 """
@@ -11,6 +13,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +30,8 @@ class Args:
     """a finished run of emaq_offline.py (runs/<run name>)"""
     episodes: int = 10
     """evaluation episodes, run as one vectorized environment"""
+    policy: Literal["emaq", "mu", "mu-greedy"] = "emaq"
+    """emaq: Algorithm 1 (the run's N); mu: one sample of mu per step; mu-greedy: temperature 0 (the BC baselines)"""
     seed: int = 0
     """seed of the episodes and of mu's samples (a run's --eval-seed and episode count give its last evaluation)"""
     capture_video: bool = False
@@ -118,7 +123,9 @@ def main(args: Args) -> np.ndarray:
     envs = eo.make_eval_envs(dataset, args.episodes, **(VIDEO if video else {}))
     frames = [] if video else None
 
-    def policy(obs, generator):  # Algorithm 1, as the run evaluated it
+    def policy(obs, generator):  # Algorithm 1, as the run evaluated it, or mu alone
+        if args.policy != "emaq":
+            return mu.sample(obs, 1, temperature=float(args.policy == "mu"), generator=generator)[:, 0]
         return eo.test_time_policy(mu, q_ensemble, obs, config.num_samples, config.test_ensemble_lambda, generator)
 
     returns = eo.evaluate(policy, envs, dataset.observation_space, normalize, args.seed, device, frames)
@@ -127,8 +134,9 @@ def main(args: Args) -> np.ndarray:
         write_video(path, frames, envs.unwrapped.envs[0].metadata.get("render_fps", 30))
         eo.log(f"video of the first episode: {path}")
     envs.close()
-    result = eo.describe(returns, eo.reference_scores(dataset))
-    print(f"{args.run_dir} (update {ckpt['step']}, N={config.num_samples}): {result}")
+    result = eo.evaluation_summary(returns, eo.reference_scores(dataset))["text"]
+    what = f"N={config.num_samples}" if args.policy == "emaq" else args.policy
+    print(f"{args.run_dir} (update {ckpt['step']}, {what}): {result}")
     return returns
 
 
