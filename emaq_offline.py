@@ -101,8 +101,8 @@ class Args:
 # --preset: the values a run starts from (flags passed win; `--preset NAME --help` shows them). Args' own defaults are
 # Table 2's. "cpu" is not the paper's: Table 3's mu, a small ensemble, a short budget (docs/cpu_preset.md).
 PRESETS = dict(mujoco={}, table3=dict(batch_size=128, num_qs=16, q_hidden=256, q_layers=4))
-PRESETS["cpu"] = dict(num_qs=4, q_hidden=256, num_samples=5, q_lr=3e-4, ema=0.98, behavior_updates=20_000)
-PRESETS["cpu"] |= dict(total_updates=30_000)
+PRESETS["cpu"] = dict(num_qs=4, q_hidden=256, num_samples=2, q_lr=3e-4, ema=0.98, behavior_updates=20_000)
+PRESETS["cpu"] |= dict(total_updates=10_000, eval_every=2_500, final_eval_episodes=50)  # as judged (docs)
 # The flags that decide what mu is: mu.json records them, and a sweep over one of them trains one mu per value.
 MU_ARGS = ("dataset_id", "normalize_obs", "preset", "behavior_model", "behavior_updates", "behavior_lr")
 MU_ARGS += ("behavior_holdout", "batch_size", "precision")

@@ -98,8 +98,13 @@ def test_auto_preset_reads_the_environment_part_of_the_id(dataset_id):
 def test_the_cpu_preset_sets_its_values_and_flags_given_win():
     args = eo.cli(["--preset", "cpu"])
     assert (args.batch_size, args.num_qs, args.q_hidden, args.q_layers) == (256, 4, 256, 3)
-    assert (args.num_samples, args.q_lr, args.ema) == (5, 3e-4, 0.98)
-    assert (args.behavior_updates, args.total_updates) == (20_000, 30_000)
+    assert (args.num_samples, args.q_lr, args.ema) == (2, 3e-4, 0.98)
+    assert (args.behavior_updates, args.total_updates, args.eval_every, args.final_eval_episodes) == (
+        20_000,
+        10_000,
+        2_500,
+        50,
+    )
     assert MU_PRESETS["cpu"] == MU_PRESETS["table3"]  # Table 3's mu
     args = eo.cli("--preset cpu --num-samples 10 --ema 0.9 --num-qs 2".split())
     assert (args.num_samples, args.ema, args.num_qs, args.q_lr) == (10, 0.9, 2, 3e-4)
@@ -114,7 +119,7 @@ def test_the_cpu_preset_sets_its_values_and_flags_given_win():
         ([], ["--total-updates INT  Q-ensemble updates (default: 1000000)", "(Algorithm 1) (default: 10)"]),
         (
             ["--preset", "cpu"],
-            ["--total-updates INT  Q-ensemble updates (default: 30000)", "(Algorithm 1) (default: 5)"],
+            ["--total-updates INT  Q-ensemble updates (default: 10000)", "(Algorithm 1) (default: 2)"],
         ),
         (["--dataset-id", "D4RL/kitchen/complete-v2"], ["K: Q functions in the ensemble (default: 16)"]),
     ],
