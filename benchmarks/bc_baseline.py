@@ -14,10 +14,12 @@ For each dataset and seed it trains `d3rlpy.algos.BCConfig` with batch size 256 
 keeping d3rlpy's other BC defaults (deterministic tanh policy, mean-squared-error loss, Adam with learning rate 1e-3, a
 256x256 ReLU MLP encoder), on one CPU thread, without logs or checkpoints. It then runs the greedy policy (`predict`)
 for --eval-episodes episodes of `dataset.recover_environment()` with episode seeds 0..E-1, and writes one CSV row per
-(dataset, seed). Scores use the dataset's `ref_min_score`/`ref_max_score` when its metadata has them, else D4RL's.
+(dataset, seed). Scores use emaq_offline.py's reference_scores (the dataset's own, else D4RL's).
 """
 
 import csv
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -27,8 +29,8 @@ import numpy as np
 import torch
 import tyro
 
-# D4RL's reference returns (random, expert) per environment family, used when a dataset's metadata has none
-D4RL_REF = {"hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3), "halfcheetah": (-280.178953, 12135.0)}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from emaq_offline import reference_scores  # noqa: E402  (the project's own normalization, in the venv's system packages)
 
 
 @dataclass
@@ -69,13 +71,6 @@ def to_mdp(dataset) -> d3rlpy.dataset.MDPDataset:
     )
 
 
-def ref_scores(dataset_id: str, metadata: dict) -> tuple[float, float, str]:
-    if "ref_min_score" in metadata and "ref_max_score" in metadata:
-        return float(metadata["ref_min_score"]), float(metadata["ref_max_score"]), "dataset metadata"
-    family = next(k for k in D4RL_REF if k in dataset_id.lower())
-    return *D4RL_REF[family], f"D4RL {family}"
-
-
 def evaluate(algo, env, episodes: int) -> np.ndarray:
     returns = []
     for ep in range(episodes):
@@ -102,7 +97,7 @@ def main(args: Args) -> None:
         writer.writeheader()
         for dataset_id in args.datasets:
             dataset = minari.load_dataset(dataset_id)
-            lo, hi, source = ref_scores(dataset_id, dataset.storage.metadata)
+            lo, hi, source = reference_scores(dataset)  # as emaq_offline.py scores its runs
             print(f"{dataset_id}: normalizing with {source} (min {lo}, max {hi})", flush=True)
             mdp = to_mdp(dataset)
             for seed in args.seeds:

@@ -35,12 +35,14 @@ class Args:
     """bootstrap resamples"""
 
 
-def scalars(run_dir: str, tag: str) -> dict[int, float]:
+def scalars(run_dir: str, *tags: str) -> list[dict[int, float]]:
+    """The run's TensorBoard scalars `tags`, each by step, read in one pass over its events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(run_dir)
     events.Reload()
-    return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
+    have = events.Tags()["scalars"]
+    return [{e.step: e.value for e in events.Scalars(tag)} if tag in have else {} for tag in tags]
 
 
 def fmt(point, ci) -> str:
@@ -101,8 +103,7 @@ def main(args: Args):
         for step in steps:
             values = [h[2] for r in cell for h in r["summary"]["history"] if h[0] == step]
             means.append(f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "-")
-        q = [scalars(r["dir"], "losses/qf_values") for r in cell]
-        std = [scalars(r["dir"], "losses/q_ensemble_std") for r in cell]
+        q, std = zip(*[scalars(r["dir"], "losses/qf_values", "losses/q_ensemble_std") for r in cell], strict=True)
         at = [s - s % 1000 for s in steps if all(s - s % 1000 in x for x in q)]  # losses are logged every 1,000
         q_line = ", ".join(f"{np.mean([x[s] for x in q]):.0f}" for s in at)
         std_line = ", ".join(f"{np.mean([x[s] for x in std]):.2f}" for s in at)
