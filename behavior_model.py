@@ -30,6 +30,7 @@ PRESETS = {
     ),
 }
 PRESETS["cpu"] = PRESETS["table3"]  # the scripts' --preset cpu (not the paper's) keeps Table 3's mu
+PRESETS["small"] = PRESETS["mujoco"] | dict(state_hidden=256, embed_dim=256, head_hidden=128, head_layers=1)  # CPU
 
 
 @dataclass

@@ -37,6 +37,8 @@ class Args:
     """use the GPU when one is present"""
     runs_dir: str = "runs"
     """TensorBoard logs, config.json, checkpoints and videos go to runs_dir/<run name>/"""
+    preset: Literal["paper", "cpu"] = "paper"
+    """'paper': Appendix F's sizes (days on a CPU); 'cpu': small sizes, 100k steps, not the paper's (docs/online.md)"""
     env_id: str = "HalfCheetah-v5"
     """a Gymnasium environment with a bounded Box action space and Box observations"""
     total_timesteps: int = 1_000_000
@@ -57,8 +59,8 @@ class Args:
     """beta of the exploration score mean(Q) + beta * std(Q) over the ensemble"""
     behavior_model: Literal["autoregressive", "vae"] = "autoregressive"
     """mu: the paper's autoregressive model (App. B) or the VAE of prior work (App. H.1), to compare (Section 5.1)"""
-    behavior_preset: Literal["mujoco", "table3"] = "mujoco"
-    """the autoregressive mu's sizes: 'mujoco' (750x2 state MLP, heads 3x256, 40 bins) or the smaller 'table3'"""
+    behavior_preset: Literal["mujoco", "table3", "small"] = "mujoco"
+    """the autoregressive mu's sizes: 'mujoco' (750x2 state MLP, heads 3x256, 40 bins), 'table3', 'small' (CPU runs)"""
     num_qs: int = 8
     """K: Q functions in the ensemble"""
     q_hidden: int = 750
@@ -107,8 +109,15 @@ def cli(argv=None) -> Args:
     """The command line over the defaults a run uses (a resumed run's own flags), so that --help shows them."""
     argv = sys.argv[1:] if argv is None else argv
     first, _ = tyro.cli(Args, args=[a for a in argv if a not in ("-h", "--help")], return_unknown_args=True)
-    defaults = dataclasses.replace(read_config(first.resume), resume=first.resume) if first.resume else Args()
+    defaults = Args(**PRESETS[first.preset], preset=first.preset)
+    defaults = dataclasses.replace(read_config(first.resume), resume=first.resume) if first.resume else defaults
     return tyro.cli(Args, args=argv, default=defaults)
+
+
+# --preset cpu (flags passed win; `--preset cpu --help` shows it): chosen by a grid on Hopper-v5 (docs/online.md)
+PRESETS = dict(paper={}, cpu=dict(num_qs=2, q_hidden=256, q_layers=2, num_samples=4, behavior_preset="small"))
+PRESETS["cpu"] |= dict(q_lr=3e-4, ema=0.98, temperature=10.0, total_timesteps=100_000, learning_starts=5_000)
+PRESETS["cpu"] |= dict(eval_every=5_000)
 
 
 # ----- Environment steps into a replay buffer on the training device -------------------------------------------------
@@ -308,8 +317,8 @@ def main(args: Args):
     run_dir, writer = open_run_dir(args, ckpt)
     resuming = f", resuming at step {at.global_step}, update {at.num_updates}" if ckpt else ""
     log(f"{args.env_id}: obs {obs_dim}, actions {act_dim}, device {device}, run {run_dir}{resuming}")
-    if device.type == "cpu" and args.total_timesteps >= 1_000_000:
-        log("note: Appendix F's configuration takes days on a CPU; see README.md")
+    if device.type == "cpu" and args.preset == "paper":
+        log("note: Appendix F's sizes take days on a CPU: try --preset cpu; tools/estimate_online_cost.py: its cost")
     nonfinite_at = torch.full((), -1, device=device)  # the first update whose loss was NaN/Inf; read when logging
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill: checkpoint at the next step or update, then exit
         signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))

@@ -262,7 +262,13 @@ def test_presets_match_the_paper():
     linears = [m for m in kitchen.state_mlp if isinstance(m, torch.nn.Linear)]
     assert [layer.out_features for layer in linears] == [256] * 5 and len(kitchen.head_hidden_w) == 0
     assert kitchen.lin_weight.shape == (9, 9, 128) and kitchen.head_out_w.shape == (9, 128, 80)
-    assert set(PRESETS) == {"mujoco", "table3", "cpu"} and PRESETS["cpu"] == PRESETS["table3"]  # cpu: not the paper's
+    assert (
+        set(PRESETS) == {"mujoco", "table3", "cpu", "small"} and PRESETS["cpu"] == PRESETS["table3"]
+    )  # not the paper's
+    small = BehaviorModel.from_preset("small", 11, [-1] * 3, [1] * 3)  # online --preset cpu: the MuJoCo shape, narrower
+    linears = [m for m in small.state_mlp if isinstance(m, torch.nn.Linear)]
+    assert [(layer.in_features, layer.out_features) for layer in linears] == [(11, 256), (256, 256), (256, 256)]
+    assert small.head_out_w.shape == (3, 128, 40) and len(small.head_hidden_w) == 0 and small.config.prefix_dim == 0
 
 
 # ----- the VAE of prior work (Appendix H.1), measured with the same metrics ------------------------

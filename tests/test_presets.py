@@ -9,6 +9,7 @@ import torch
 from conftest import run_script
 
 import emaq_offline as eo
+import emaq_online as eon
 from behavior_model import PRESETS as MU_PRESETS
 from behavior_model import action_bounds
 
@@ -142,3 +143,42 @@ def test_help_shows_the_values_a_run_uses(flags, shown):
         )
     for text in shown:
         assert text in result.stdout, text
+
+
+# ----- emaq_online.py --preset cpu ------------------------------------------------------------------------------------
+def test_the_online_cpu_preset_sets_its_values_and_flags_given_win():
+    args = eon.cli(["--preset", "cpu"])
+    assert (args.num_qs, args.q_hidden, args.q_layers, args.num_samples, args.behavior_preset) == (
+        2,
+        256,
+        2,
+        4,
+        "small",
+    )
+    assert (args.total_timesteps, args.learning_starts, args.eval_every) == (100_000, 5_000, 5_000)
+    assert (args.q_lr, args.ema, args.temperature, args.ucb_beta, args.batch_size) == (3e-4, 0.98, 10.0, 1.0, 256)
+    args = eon.cli("--preset cpu --num-samples 10 --ema 0.9".split())
+    assert (args.num_samples, args.ema, args.num_qs) == (10, 0.9, 2)
+    assert eon.cli([]) == eon.Args() == eon.cli(["--preset", "paper"])  # Args' defaults: Appendix F's
+    assert (eon.Args().num_samples, eon.Args().num_qs, eon.Args().behavior_preset) == (200, 8, "mujoco")
+
+
+def test_online_help_shows_the_cpu_presets_values():
+    result = run_script("emaq_online.py", "--preset", "cpu", "--help", env={"COLUMNS": "250"})
+    assert result.returncode == 0
+    for text in ("K: Q functions in the ensemble (default: 2)", "(default: 100000)", "(default: small)"):
+        assert text in result.stdout, text
+
+
+def test_an_online_cpu_preset_run_keeps_its_preset_on_resume(tmp_path):
+    flags = "--preset cpu --env-id Hopper-v5 --total-timesteps 300 --learning-starts 200 --eval-every 300"
+    result = run_script("emaq_online.py", *flags.split(), "--eval-episodes", "2", "--runs-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = tmp_path.iterdir()
+    resumed = eon.cli(["--resume", str(run_dir), "--total-timesteps", "400"])
+    assert (resumed.preset, resumed.num_qs, resumed.behavior_preset, resumed.total_timesteps) == (
+        "cpu",
+        2,
+        "small",
+        400,
+    )

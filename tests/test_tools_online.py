@@ -66,3 +66,24 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys):
             export_replay.main(export_replay.Args(str(run), dataset_id))
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert exit_.value.code == 2 and len(errors) == 1 and all(word in errors[0] for word in words), errors
+
+
+# ----- tools/estimate_online_cost.py ---------------------------------------------------------------------------------
+def test_the_online_cost_line_adds_its_timed_parts(monkeypatch):
+    """The line's arithmetic, from fixed rates of the four timed parts; that it names --preset cpu beyond 3 hours."""
+    from tools import estimate_online_cost
+
+    rates = dict(random_step=1000.0, explore_step=100.0, update=50.0, eval_step=20.0)  # calls per second
+    monkeypatch.setattr(estimate_online_cost, "timed_rate", lambda step, device: rates[step.__name__])
+    args = eon.check_args(eon.cli("--preset cpu --env-id Hopper-v5".split()), torch.device("cpu"))
+    line = estimate_online_cost.estimate(args, torch.device("cpu"))
+    # 5,000 steps / 1000/s; 95,000 x (10 + 20 ms); 20 evaluations x 1000 steps / 20/s; 5 + 2850 + 1000 s = 1.1 h
+    assert line == (
+        "estimate on cpu (fp32): 5,000 random steps 5 s, 95,000 steps with an update each 47.5 min (33.3 steps/s: "
+        "update 20.0 ms, exploration 10.0 ms), 20 evaluations up to 16.7 min: 1.1 h"
+    )
+    args = eon.check_args(eon.cli("--env-id Hopper-v5 --precision fp32".split()), torch.device("cpu"))
+    line = estimate_online_cost.estimate(args, torch.device("cpu"))  # Appendix F's 1M steps: 8 h at these rates
+    assert "990,000 steps with an update each" in line and line.endswith(
+        "on a CPU try --preset cpu (not the paper's configuration: docs/online.md)"
+    )
