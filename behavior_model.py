@@ -1,10 +1,9 @@
 """The behavior models mu(a|s) of EMaQ (Ghasemipour, Schuurmans & Gu, 2021); models only, no data or env code.
 
 `BehaviorModel` is the paper's (App. B, G.3): a state MLP embeds s into h; head i reads [h, a[:i]] (or Lin_i(a[:i]))
-and outputs logits over `num_bins` equal-width bins of [low_i, high_i]. Its speed: the D heads are stacked [D, in, out]
-weights (one batched matmul per layer), the state part of every head is computed once per state, never per sample,
-and dimension 0 depends on the state alone. `VAEBehaviorModel` is the VAE of prior work (App. H.1), to compare.
-Both scripts import this file; their Q ensembles share `fp32_output_layer` (values kept in fp32 under bf16).
+and outputs logits over `num_bins` equal-width bins of [low_i, high_i]. For speed, the D heads are stacked [D, in, out]
+weights, every head's state part is computed once per state, and dimension 0 depends on the state alone.
+`VAEBehaviorModel` is the VAE of prior work (App. H.1). Both scripts import this file, and `fp32_output_layer`.
 """
 
 from __future__ import annotations

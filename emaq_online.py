@@ -105,6 +105,12 @@ class Args:
     """memory budget of the target's B x N x K values; unset: half of the free device memory"""
 
 
+# --preset cpu (flags passed win; `--preset cpu --help` shows it): chosen by a grid on Hopper-v5 (docs/online.md)
+PRESETS = dict(paper={}, cpu=dict(num_qs=2, q_hidden=256, q_layers=2, num_samples=4, behavior_preset="small"))
+PRESETS["cpu"] |= dict(q_lr=3e-4, ema=0.98, temperature=10.0, total_timesteps=100_000, learning_starts=5_000)
+PRESETS["cpu"] |= dict(eval_every=5_000)
+
+
 def cli(argv=None) -> Args:
     """The command line over the defaults a run uses (a resumed run's own flags), so that --help shows them."""
     argv = sys.argv[1:] if argv is None else argv
@@ -112,12 +118,6 @@ def cli(argv=None) -> Args:
     defaults = Args(**PRESETS[first.preset], preset=first.preset)
     defaults = dataclasses.replace(read_config(first.resume), resume=first.resume) if first.resume else defaults
     return tyro.cli(Args, args=argv, default=defaults)
-
-
-# --preset cpu (flags passed win; `--preset cpu --help` shows it): chosen by a grid on Hopper-v5 (docs/online.md)
-PRESETS = dict(paper={}, cpu=dict(num_qs=2, q_hidden=256, q_layers=2, num_samples=4, behavior_preset="small"))
-PRESETS["cpu"] |= dict(q_lr=3e-4, ema=0.98, temperature=10.0, total_timesteps=100_000, learning_starts=5_000)
-PRESETS["cpu"] |= dict(eval_every=5_000)
 
 
 # ----- Environment steps into a replay buffer on the training device -------------------------------------------------
@@ -317,7 +317,7 @@ def main(args: Args):
     run_dir, writer = open_run_dir(args, ckpt)
     resuming = f", resuming at step {at.global_step}, update {at.num_updates}" if ckpt else ""
     log(f"{args.env_id}: obs {obs_dim}, actions {act_dim}, device {device}, run {run_dir}{resuming}")
-    if device.type == "cpu" and args.preset == "paper":
+    if device.type == "cpu" and args.total_timesteps >= 1_000_000:
         log("note: Appendix F's sizes take days on a CPU: try --preset cpu; tools/estimate_online_cost.py: its cost")
     nonfinite_at = torch.full((), -1, device=device)  # the first update whose loss was NaN/Inf; read when logging
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill: checkpoint at the next step or update, then exit

@@ -6,7 +6,8 @@ Reads every run's TensorBoard events below the two folders (emaq_online.py's run
 benchmarks/cleanrl_sac.py). Both log `charts/episodic_return`, the return of every training episode (EMaQ: its UCB
 exploration policy; SAC: its stochastic policy) at the step it ended; EMaQ also logs `eval/episodic_return`, its
 test-time policy (Algorithm 1) over 10 episodes every 5k steps. At each step count S the table gives, over seeds, the
-mean and std of: the training episodes that ended in (S - 5k, S], averaged per seed; EMaQ's evaluation at S.
+mean and std of: the training episodes that ended in (S - 5k, S], averaged per seed; EMaQ's evaluation at S; and
+mu's NLL on EMaQ's replay batches (`losses/behavior_nll`, last logged at or before S): whether mu keeps up.
 """
 
 import glob
@@ -51,7 +52,8 @@ def mean_std(values) -> str:
 
 
 def main(args: Args):
-    emaq = [scalars(r, "charts/episodic_return", "eval/episodic_return") for r in runs_below(args.emaq_dir)]
+    tags = ("charts/episodic_return", "eval/episodic_return", "losses/behavior_nll")
+    emaq = [scalars(r, *tags) for r in runs_below(args.emaq_dir)]
     sac = [scalars(r, "charts/episodic_return")[0] for r in runs_below(args.sac_dir)]
     if not emaq or not sac:
         sys.exit(f"error: found {len(emaq)} EMaQ and {len(sac)} SAC runs: check --emaq-dir and --sac-dir")
@@ -59,14 +61,16 @@ def main(args: Args):
         f"{len(emaq)} EMaQ and {len(sac)} SAC seeds; mean ± std over seeds; training: the episodes that ended in the "
         f"last {args.window:,} steps",
         "",
-        "| env steps | SAC training | EMaQ training | EMaQ test-time policy |",
-        "|---|---|---|---|",
+        "| env steps | SAC training | EMaQ training | EMaQ test-time policy | mu's NLL (EMaQ) |",
+        "|---|---|---|---|---|",
     ]
     for step in args.steps:
         sac_train = [window_mean(r, step, args.window) for r in sac]
-        emaq_train = [window_mean(train, step, args.window) for train, _ in emaq]
-        emaq_eval = [evals.get(step, np.nan) for _, evals in emaq]
-        lines.append(f"| {step:,} | {mean_std(sac_train)} | {mean_std(emaq_train)} | {mean_std(emaq_eval)} |")
+        emaq_train = [window_mean(train, step, args.window) for train, _, _ in emaq]
+        emaq_eval = [evals.get(step, np.nan) for _, evals, _ in emaq]
+        nll = [nll[max(s for s in nll if s <= step)] if any(s <= step for s in nll) else np.nan for *_, nll in emaq]
+        row = f"| {step:,} | {mean_std(sac_train)} | {mean_std(emaq_train)} | {mean_std(emaq_eval)} |"
+        lines.append(f"{row} {np.nanmean(nll):.1f} ± {np.nanstd(nll):.1f} |")
     os.makedirs(args.out, exist_ok=True)
     open(f"{args.out}/results.md", "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -83,14 +87,14 @@ def plot(args: Args, emaq, sac):
     fig, ax = plt.subplots(figsize=(7, 4))
     curves = [
         ("SAC (CleanRL), training episodes", "tab:blue", "-", [r for r in sac]),
-        ("EMaQ, training episodes", "tab:orange", "-", [train for train, _ in emaq]),
+        ("EMaQ, training episodes", "tab:orange", "-", [train for train, *_ in emaq]),
     ]
     for label, color, style, per_seed in curves:
         values = np.array([[window_mean(r, s, args.window) for s in grid] for r in per_seed])
         mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
         ax.plot(grid, mean, style, color=color, label=label)
         ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
-    evals = np.array([[evals.get(s, np.nan) for s in grid] for _, evals in emaq])
+    evals = np.array([[evals.get(s, np.nan) for s in grid] for _, evals, _ in emaq])
     with warnings.catch_warnings(action="ignore"):  # steps that no seed has reached yet are left out (nan)
         eval_mean = np.nanmean(evals, 0)
     ax.plot(grid, eval_mean, "--", color="tab:red", label="EMaQ, test-time policy (10 episodes)")

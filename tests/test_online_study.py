@@ -43,10 +43,12 @@ def test_the_table_averages_each_seeds_last_window_then_the_seeds(tmp_path, caps
             writer.add_scalar("charts/episodic_return", value + offset, step)
         if algo == "emaq":
             writer.add_scalar("eval/episodic_return", 200.0 + offset, 25_000)
+            for step, nll in [(24_000, 5.0 + seed), (25_000, 3.0 + seed), (26_000, 99.0)]:  # the last one at 25k
+                writer.add_scalar("losses/behavior_nll", nll, step)
         writer.close()
     args = online_study.Args(str(tmp_path / "emaq"), str(tmp_path / "sac"), str(tmp_path / "out"), steps=(25_000,))
     online_study.main(args)
     row = capsys.readouterr().out.strip().splitlines()[-1]
-    # SAC: seeds 12 and 32 -> 22 ± 10; EMaQ: 2 and 102 -> 52 ± 50; EMaQ's evaluation: 200, 300 -> 250 ± 50
-    assert row == "| 25,000 | 22 ± 10 | 52 ± 50 | 250 ± 50 |"
+    # SAC: seeds 12 and 32 -> 22 ± 10; EMaQ: 2 and 102 -> 52 ± 50; its evaluation: 200, 300 -> 250 ± 50; NLL 4, 5
+    assert row == "| 25,000 | 22 ± 10 | 52 ± 50 | 250 ± 50 | 4.5 ± 0.5 |"
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0
