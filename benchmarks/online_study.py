@@ -35,6 +35,8 @@ class Args:
     """the step counts of the table"""
     window: int = 5_000
     """training episodes that ended in the last `window` steps before a step count are averaged"""
+    title: str = "Hopper-v5"
+    """the plot's title (the environment)"""
 
 
 def runs_below(folder: str) -> list[str]:
@@ -86,19 +88,18 @@ def plot(args: Args, emaq, sac):
     grid = np.arange(args.window, max(args.steps) + 1, args.window)
     fig, ax = plt.subplots(figsize=(7, 4))
     curves = [
-        ("SAC (CleanRL), training episodes", "tab:blue", "-", [r for r in sac]),
+        ("SAC (CleanRL), training episodes", "tab:blue", "-", sac),
         ("EMaQ, training episodes", "tab:orange", "-", [train for train, *_ in emaq]),
+        ("EMaQ, test-time policy (10 episodes)", "tab:red", "--", [evals for _, evals, _ in emaq]),
     ]
     for label, color, style, per_seed in curves:
-        values = np.array([[window_mean(r, s, args.window) for s in grid] for r in per_seed])
-        mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
+        window = args.window if "training" in label else 1  # an evaluation is logged at its step
+        values = np.array([[window_mean(r, s, window) for s in grid] for r in per_seed])
+        with warnings.catch_warnings(action="ignore"):  # steps that no seed has reached are nan, and left out
+            mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
         ax.plot(grid, mean, style, color=color, label=label)
-        ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
-    evals = np.array([[evals.get(s, np.nan) for s in grid] for _, evals, _ in emaq])
-    with warnings.catch_warnings(action="ignore"):  # steps that no seed has reached yet are left out (nan)
-        eval_mean = np.nanmean(evals, 0)
-    ax.plot(grid, eval_mean, "--", color="tab:red", label="EMaQ, test-time policy (10 episodes)")
-    ax.set(xlabel="environment steps", ylabel="return", title=f"Hopper-v5, mean ± std over {len(emaq)} seeds")
+        ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.15)
+    ax.set(xlabel="environment steps", ylabel="return", title=f"{args.title}, mean ± std over {len(emaq)} seeds")
     ax.legend()
     fig.tight_layout()
     fig.savefig(f"{args.out}/curves.png", dpi=120)

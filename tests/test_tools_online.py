@@ -87,3 +87,18 @@ def test_the_online_cost_line_adds_its_timed_parts(monkeypatch):
     assert "990,000 steps with an update each" in line and line.endswith(
         "on a CPU try --preset cpu (not the paper's configuration: docs/online.md)"
     )
+
+
+# ----- tools/evaluate_online_run.py -----------------------------------------------------------------------------------
+def test_re_evaluation_at_the_runs_own_n_reproduces_its_last_evaluation(tmp_path, capsys):
+    """No update after the last evaluation (learning starts after the run's end): the same models, the same seeded
+    episodes, the same return; N = 1 (mu alone) is evaluated beside it."""
+    from tools import evaluate_online_run
+
+    flags = ("--learning-starts", "500", "--total-timesteps", "400", "--runs-dir", str(tmp_path))
+    assert run_script("emaq_online.py", *ONLINE_TINY, *flags).returncode == 0
+    run_dir = only_run(tmp_path)
+    history = json.load(open(os.path.join(run_dir, "summary.json")))["history"]
+    returns = evaluate_online_run.main(evaluate_online_run.Args(run_dir, ns=(8, 1), episodes=2, cuda=False))
+    assert returns[8] == history[-1][1] and set(returns) == {1, 8}
+    assert "step 400: N = 1: return" in capsys.readouterr().out
