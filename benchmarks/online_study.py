@@ -44,13 +44,21 @@ def runs_below(folder: str) -> list[str]:
 
 
 def window_mean(returns: dict[int, float], step: int, window: int) -> float:
+    """Mean of the values logged in (step - window, step]; nan when the run's log ends before `step`."""
+    if not returns or max(returns) < step - window // 5:  # stopped before `step` (episodes: at most window / 5 steps)
+        return float("nan")
     values = [r for s, r in returns.items() if step - window < s <= step]
     return float(np.mean(values)) if values else float("nan")
 
 
 def mean_std(values) -> str:
+    """Over the seeds that reached the step; says how many did when some did not."""
     values = np.asarray(values, dtype=float)
-    return f"{np.nanmean(values):.0f} ± {np.nanstd(values):.0f}" if np.isfinite(values).any() else "n/a"
+    reached = int(np.isfinite(values).sum())
+    if reached == 0:
+        return "n/a"
+    text = f"{np.nanmean(values):.0f} ± {np.nanstd(values):.0f}"
+    return text if reached == len(values) else f"{text} ({reached} of {len(values)} seeds)"
 
 
 def main(args: Args):
