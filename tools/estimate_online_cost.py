@@ -10,6 +10,7 @@ import copy
 import os
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +35,7 @@ def estimate(args: eon.Args, device) -> str:
     q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
     buf = eon.make_buffer(max(4 * args.batch_size, 1_000), obs_dim, act_dim, device)
     obs, _ = envs.reset(seed=args.seed)
-    ended = torch.zeros(args.num_envs, dtype=torch.bool).numpy()
+    ended = np.zeros(args.num_envs, dtype=bool)  # no sub-env has just ended
 
     def random_step():
         nonlocal obs, ended
