@@ -52,3 +52,18 @@ def test_the_table_averages_each_seeds_last_window_then_the_seeds(tmp_path, caps
     # SAC: seeds 12 and 32 -> 22 ± 10; EMaQ: 2 and 102 -> 52 ± 50; its evaluation: 200, 300 -> 250 ± 50; NLL 4, 5
     assert row == "| 25,000 | 22 ± 10 | 52 ± 50 | 250 ± 50 | 4.5 ± 0.5 |"
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0
+
+
+def test_a_seed_that_stopped_before_the_step_is_left_out_and_the_row_says_so(tmp_path, capsys):
+    for algo, seed, last_step in [("emaq", 1, 25_000), ("sac", 1, 25_000), ("sac", 2, 21_000)]:
+        writer = SummaryWriter(str(tmp_path / algo / f"run{seed}"))
+        for step in range(20_500, last_step + 1, 500):  # the second SAC seed stopped at 21k, inside the window
+            writer.add_scalar("charts/episodic_return", 10.0 * seed, step)
+        if algo == "emaq":
+            writer.add_scalar("eval/episodic_return", 200.0, 25_000)
+            writer.add_scalar("losses/behavior_nll", 5.0, 25_000)
+        writer.close()
+    args = online_study.Args(str(tmp_path / "emaq"), str(tmp_path / "sac"), str(tmp_path / "out"), steps=(25_000,))
+    online_study.main(args)
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row == "| 25,000 | 10 ± 0 (1 of 2 seeds) | 10 ± 0 | 200 ± 0 | 5.0 ± 0.0 |"
