@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -319,16 +320,16 @@ def test_a_stop_signal_never_checkpoints_a_non_finite_state(tmp_path):
         "--num-samples",
         "1000",  # slow EMaQ updates: the signal lands before the next periodic checkpoint (EMaQ update 60)
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "emaq_offline.py", *flags], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
-    )
-    lines = []
-    while not lines or "mu alone" not in lines[-1]:
-        lines.append(proc.stderr.readline())
-        assert proc.poll() is None, "".join(lines)[-2000:]
-    time.sleep(0.5)  # some EMaQ updates, NaN from the second one
+    proc = subprocess.Popen([sys.executable, "emaq_offline.py", *flags], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    stderr, done = b"", 0
+    while done < 3:  # the signal goes once the progress bar shows 3 EMaQ updates (NaN from the second): no race
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, stderr.decode()[-2000:]
+        stderr += chunk
+        done = max([0, *map(int, re.findall(rb"EMaQ:[^|]*\|[^|]*\| *(\d+)/100000", stderr))])
+    assert done < 60, f"{done} updates before the signal: slow them with a larger --num-samples"
     proc.send_signal(signal.SIGTERM)
-    stderr = "".join(lines) + proc.communicate(timeout=120)[1]
+    stderr = (stderr + proc.communicate(timeout=120)[1]).decode()
     result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
     assert_clean_failure(result, "NaN/Inf at update", "checkpoint.pt (behavior update 60)")
     assert json.load(open(os.path.join(only_run(str(tmp_path)), "checkpoint.json"))) == {
