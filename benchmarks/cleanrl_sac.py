@@ -4,6 +4,12 @@ it as `final_observation` / `final_info` (a list of per-env dicts); Gymnasium 1.
 This runner gives the script a SyncVectorEnv in Gymnasium 1.x's same-step mode and renames its keys to the 0.29 ones,
 so the script stores exactly the transitions it would under 0.29. Nothing of CleanRL is copied here.
 
+Evaluation, under emaq_online.py's protocol: every `--eval-every` environment steps, SAC's deterministic policy (the
+tanh of its mean, scaled to the action bounds) runs `--eval-episodes` episodes in a vector env reset with
+`--eval-seed` (sub-env i gets seed + i: the same episodes as emaq_online.py's evaluation), logged as
+`eval/episodic_return` in the run's own TensorBoard file. The runner reads the script's `actor` and `writer` from the
+frame that steps the environment; the evaluation draws no random number, so SAC learns exactly as it does without it.
+
     git clone https://github.com/vwxyzjn/cleanrl /tmp/cleanrl
     git -C /tmp/cleanrl checkout fe8d8a03c41a7ef5b523e2e354bd01c363e786bb  # the commit our comparison ran
     python benchmarks/cleanrl_sac.py /tmp/cleanrl --out runs_sac -- --env-id Hopper-v5 --total-timesteps 100000 --seed 1
@@ -12,11 +18,17 @@ CleanRL's flags follow `--`; its TensorBoard run lands in OUT/runs/<env>__sac_co
 """
 
 import argparse
+import inspect
 import os
 import runpy
 import sys
 
 import gymnasium as gym
+import numpy as np
+import torch
+
+PLAIN_VECTOR_ENV = gym.vector.SyncVectorEnv  # the evaluation's envs: Gymnasium 1.x's default, as emaq_online.py's
+EVALUATION = dict(every=5_000, episodes=10, seed=0)  # set from the command line
 
 
 class SameStepVectorEnv(gym.vector.SyncVectorEnv):
@@ -24,9 +36,16 @@ class SameStepVectorEnv(gym.vector.SyncVectorEnv):
 
     def __init__(self, env_fns, **kwargs):
         super().__init__(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **kwargs)
+        self.steps_taken = 0
 
     def step(self, actions):
         obs, rewards, terminations, truncations, infos = super().step(actions)
+        self.steps_taken += self.num_envs
+        if self.steps_taken % EVALUATION["every"] < self.num_envs:  # every --eval-every steps, as emaq_online.py
+            script = inspect.currentframe().f_back.f_globals  # the frame of CleanRL's training loop
+            if "actor" in script and "writer" in script:
+                returns = evaluate_deterministic(script["actor"], self.envs[0].spec.id, **EVALUATION)
+                script["writer"].add_scalar("eval/episodic_return", returns.mean(), self.steps_taken)
         if "final_obs" in infos:
             ended, final = infos.pop("_final_obs"), infos.pop("final_info")
             infos["final_observation"] = infos.pop("final_obs")
@@ -39,11 +58,31 @@ class SameStepVectorEnv(gym.vector.SyncVectorEnv):
         return obs, rewards, terminations, truncations, infos
 
 
+@torch.no_grad()
+def evaluate_deterministic(actor, env_id: str, episodes: int, seed: int, every: int = 0) -> np.ndarray:
+    """The first episode's return in each of `episodes` sub-envs reset with `seed`, acting tanh(mean) (no sampling)."""
+    envs = PLAIN_VECTOR_ENV([lambda: gym.make(env_id) for _ in range(episodes)])
+    (obs, _), device = envs.reset(seed=seed), next(actor.parameters()).device
+    returns, done = np.zeros(episodes), np.zeros(episodes, dtype=bool)
+    while not done.all():
+        mean, _ = actor(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        actions = torch.tanh(mean) * actor.action_scale + actor.action_bias
+        obs, rewards, terminated, truncated, _ = envs.step(actions.cpu().numpy())
+        returns += rewards * ~done
+        done |= terminated | truncated
+    envs.close()
+    return returns
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cleanrl_dir", help="a checkout of CleanRL's repository")
     parser.add_argument("--out", default="runs_sac", help="working directory of the run (its runs/ goes there)")
+    parser.add_argument("--eval-every", type=int, default=5_000, help="evaluate every this many environment steps")
+    parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation")
+    parser.add_argument("--eval-seed", type=int, default=0, help="seed of the evaluation episodes (seed + i each)")
     args, cleanrl_args = parser.parse_known_args()
+    EVALUATION.update(every=args.eval_every, episodes=args.eval_episodes, seed=args.eval_seed)
     script = os.path.join(os.path.abspath(args.cleanrl_dir), "cleanrl", "sac_continuous_action.py")
     if not os.path.isfile(script):
         sys.exit(f"error: {script} not found: pass a checkout of CleanRL's repository")

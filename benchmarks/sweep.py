@@ -341,16 +341,20 @@ def to_generate(dataset_ids) -> list:
 
 
 def check_datasets(dataset_ids):
-    """A generated dataset that is missing is written by its mu run: the Minari folder must be writable (and not
-    marked read-only: root may write anywhere, but a folder without write bits is someone's read-only copy)."""
+    """A generated dataset that is missing is written by its mu run, so the Minari folder must be writable. A fresh
+    machine has none yet: it is created here. Only a folder that exists and cannot be written is read-only (root may
+    write anywhere, but a folder without write bits is someone's read-only copy)."""
     root, missing = minari_root(), to_generate(dataset_ids)
-    folder = root if os.path.exists(root) else os.path.dirname(root)
-    if missing and not (os.access(folder, os.W_OK) and os.stat(folder).st_mode & stat.S_IWUSR):
-        fail(
-            f"error: {', '.join(missing)} must be generated into the Minari folder {root}, which is read-only: "
-            f"point MINARI_DATASETS_PATH at a writable folder (README, Reproduce the paper, shows how to link "
-            f"read-only datasets into it)"
-        )
+    if not missing:
+        return
+    needs = f"{', '.join(missing)} must be generated into the Minari folder {root}"
+    fix = "point MINARI_DATASETS_PATH at a writable folder (README, Reproduce the paper, shows how to link datasets)"
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        fail(f"error: {needs}, which cannot be created ({e.strerror}): {fix}")
+    if not (os.access(root, os.W_OK) and os.stat(root).st_mode & stat.S_IWUSR):
+        fail(f"error: {needs}, which is read-only: {fix}")
 
 
 def run_on_ray(args: Args, runs: list, todo: list):

@@ -17,9 +17,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worke
     torch.set_num_threads(1)
 
 
+USER_MINARI = os.path.expanduser("~/.minari")  # Minari's folder when MINARI_DATASETS_PATH is unset
+
+
 @pytest.fixture(scope="session", autouse=True)
 def minari_datasets_path(tmp_path_factory):
-    """Point Minari at a temporary folder for the whole session: tests never touch the user's ~/.minari."""
+    """Point Minari at a temporary folder for the whole session: tests never touch the user's ~/.minari (and a session
+    that starts without one ends without one: a test or a subprocess that wrote there fails the session)."""
+    had_user_minari = os.path.exists(USER_MINARI)
     path = str(tmp_path_factory.mktemp("minari_datasets"))
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = path
@@ -28,6 +33,7 @@ def minari_datasets_path(tmp_path_factory):
         del os.environ["MINARI_DATASETS_PATH"]
     else:
         os.environ["MINARI_DATASETS_PATH"] = old
+    assert had_user_minari or not os.path.exists(USER_MINARI), f"a test wrote into {USER_MINARI}"
 
 
 def collect(env, num_steps, seed=0, policy=None):

@@ -39,7 +39,11 @@ FLAGS = (  # tiny networks, 50 updates of mu, 2 evaluation episodes; a checkpoin
     "--log-every 10 --checkpoint-every 10"
 ).split()
 KILLED = ("emaq__Walker2d-v5__random_2000-v0", "N4_seed2")
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def sweep_env() -> dict:
+    """The environment of a sweep the test launches, read when it launches: conftest's temporary Minari folder."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 @functools.cache
@@ -60,7 +64,7 @@ def sweep_command(sweep_dir, datasets):
 
 def launch(sweep_dir, datasets, timeout=400):
     command = sweep_command(sweep_dir, datasets)
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=sweep_env())
 
 
 def run_folders(cell_dir):
@@ -119,7 +123,12 @@ def sweep(tmp_path_factory):
     killed_cell = os.path.join(sweep_dir, "runs", *KILLED)
     out = open(tmp_path_factory.mktemp("launch1") / "output.txt", "w+")
     first = subprocess.Popen(
-        sweep_command(sweep_dir, GOOD + [BAD]), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=ENV
+        sweep_command(sweep_dir, GOOD + [BAD]),
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=sweep_env(),
     )
     killed_at, deadline = None, time.time() + 300
     while killed_at is None and time.time() < deadline and first.poll() is None:
@@ -144,7 +153,7 @@ def sweep(tmp_path_factory):
         argv = shlex.split(next(line[2:] for line in f if line.startswith("$ ")))
     reference_dir = str(tmp_path_factory.mktemp("reference"))
     argv[argv.index("--runs-dir") + 1] = reference_dir
-    env = {**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**sweep_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(os.path.join(reference_dir, "log.txt"), "w+") as log:
         reference = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         second = launch(sweep_dir, GOOD)
@@ -316,6 +325,35 @@ def test_results_only_rewrites_the_same_results_elsewhere(sweep, tmp_path):
         assert f.read() == g.read()  # the bootstrap is seeded: the same numbers, to the last digit
 
 
+def test_the_dataset_check_creates_a_missing_minari_folder_on_a_fresh_machine(tmp_path, monkeypatch):
+    """A fresh HOME, no MINARI_DATASETS_PATH: ~/.minari/datasets does not exist yet, and the sweep must start."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MINARI_DATASETS_PATH")
+    os.makedirs(tmp_path / "home")
+    sweep_module = load_sweep_module()
+    assert sweep_module.minari_root() == str(tmp_path / "home" / ".minari" / "datasets")
+    sweep_module.check_datasets(GOOD)  # exits with an error line if it refuses
+    assert os.path.isdir(tmp_path / "home" / ".minari" / "datasets")
+
+
+@pytest.mark.parametrize("case", ["is read-only", "cannot be created"])
+def test_the_dataset_check_refuses_only_a_folder_it_cannot_write(tmp_path, monkeypatch, capsys, case):
+    locked = tmp_path / "locked"
+    os.makedirs(locked)
+    root = locked if case == "is read-only" else locked / "sub" / "datasets"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    os.chmod(locked, 0o555)  # no write bits (root could still write: the check reads the bits too)
+    try:
+        if case == "cannot be created" and os.access(locked, os.W_OK):  # root: makedirs would succeed here
+            monkeypatch.setattr(os, "makedirs", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+        with pytest.raises(SystemExit) as stop:
+            load_sweep_module().check_datasets(GOOD)
+    finally:
+        os.chmod(locked, 0o755)
+    assert stop.value.code == 2
+    assert f"which {case}" in capsys.readouterr().err
+
+
 def test_default_n_grid_follows_the_papers_grids():
     sweep = load_sweep_module()
     args = sweep.Args(
@@ -419,7 +457,7 @@ def grid_sweep(tmp_path_factory):
     output = tmp_path_factory.mktemp("grid_launch") / "output.txt"
     with open(output, "w") as out:
         proc = subprocess.Popen(
-            command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=ENV
+            command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=sweep_env()
         )
     try:
         deadline = time.time() + 300
