@@ -7,8 +7,10 @@ so the script stores exactly the transitions it would under 0.29. Nothing of Cle
 Evaluation, under emaq_online.py's protocol: every `--eval-every` environment steps, SAC's deterministic policy (the
 tanh of its mean, scaled to the action bounds) runs `--eval-episodes` episodes in a vector env reset with
 `--eval-seed` (sub-env i gets seed + i: the same episodes as emaq_online.py's evaluation), logged as
-`eval/episodic_return` in the run's own TensorBoard file. The runner reads the script's `actor` and `writer` from the
-frame that steps the environment; the evaluation draws no random number, so SAC learns exactly as it does without it.
+`eval/episodic_return` in the run's own TensorBoard file. After the last step, `--final-eval-episodes` more (seeds
+`--eval-seed` + i again) go to the run folder's final_evaluation.json, as `online_study.py export` measures EMaQ's.
+The runner reads the script's `actor` and `writer` from the frame that steps the environment; the evaluation draws
+no random number, so SAC learns exactly as it does without it.
 
     git clone https://github.com/vwxyzjn/cleanrl /tmp/cleanrl
     git -C /tmp/cleanrl checkout fe8d8a03c41a7ef5b523e2e354bd01c363e786bb  # the commit our comparison ran
@@ -19,6 +21,7 @@ CleanRL's flags follow `--`; its TensorBoard run lands in OUT/runs/<env>__sac_co
 
 import argparse
 import inspect
+import json
 import os
 import runpy
 import sys
@@ -81,6 +84,7 @@ def main():
     parser.add_argument("--eval-every", type=int, default=5_000, help="evaluate every this many environment steps")
     parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation")
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the evaluation episodes (seed + i each)")
+    parser.add_argument("--final-eval-episodes", type=int, default=50, help="episodes of the evaluation at the end")
     args, cleanrl_args = parser.parse_known_args()
     EVALUATION.update(every=args.eval_every, episodes=args.eval_episodes, seed=args.eval_seed)
     script = os.path.join(os.path.abspath(args.cleanrl_dir), "cleanrl", "sac_continuous_action.py")
@@ -91,7 +95,16 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     os.chdir(args.out)
     sys.argv = [script, *[a for a in cleanrl_args if a != "--"]]
-    runpy.run_path(script, run_name="__main__")
+    script_globals = runpy.run_path(script, run_name="__main__")
+    actor, env_id, run_dir = (
+        script_globals["actor"],
+        script_globals["args"].env_id,
+        f"runs/{script_globals['run_name']}",
+    )
+    returns = evaluate_deterministic(actor, env_id, args.final_eval_episodes, args.eval_seed)
+    with open(os.path.join(run_dir, "final_evaluation.json"), "w") as f:
+        json.dump(dict(policy="deterministic", seed=args.eval_seed, returns=returns.tolist()), f)
+    print(f"{env_id} | SAC final evaluation over {len(returns)} episodes: {returns.mean():.1f} | {run_dir}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
-"""Online EMaQ beside CleanRL's SAC on one environment: the table at a few step counts and one plot.
+"""Online EMaQ beside CleanRL's SAC under one protocol: a CSV per run, then a table and a plot per environment.
 
-    python benchmarks/online_study.py --emaq-dir runs_emaq --sac-dir runs_sac/runs --out results
+    # 1. each finished run's data, from its TensorBoard events, into OUT/<algo>_seed<k>.csv (once per run)
+    python benchmarks/online_study.py export --env-id Hopper-v5 --emaq-dir runs/online/emaq \\
+        --sac-dir runs/online/sac/runs --out benchmarks/results/online_hopper
+    # 2. every table and plot, from the CSV files alone
+    python benchmarks/online_study.py tables
 
-Reads every run's TensorBoard events below the two folders (emaq_online.py's runs; CleanRL's runs of
-benchmarks/cleanrl_sac.py). Both log `charts/episodic_return`, the return of every training episode (EMaQ: its UCB
-exploration policy; SAC: its stochastic policy) at the step it ended; EMaQ also logs `eval/episodic_return`, its
-test-time policy (Algorithm 1) over 10 episodes every 5k steps. At each step count S the table gives, over seeds, the
-mean and std of: the training episodes that ended in (S - 5k, S], averaged per seed; EMaQ's evaluation at S; and
-mu's NLL on EMaQ's replay batches (`losses/behavior_nll`, last logged at or before S): whether mu keeps up.
+The protocol, the same for both algorithms: every 5k environment steps, the evaluation policy over 10 episodes reset
+with seeds 0-9 (EMaQ: its test-time policy, Algorithm 1; SAC: its deterministic policy, the tanh of its mean, read by
+benchmarks/cleanrl_sac.py without changing how SAC learns), and after the last step a final evaluation over 50
+episodes (seeds 0-49). The training episodes' returns (EMaQ: its UCB exploration; SAC: its stochastic policy) are the
+second view. A run's CSV has one row per logged step: step, training_return (an episode that ended there),
+evaluation_return, final_evaluation_return (the last row only), behavior_nll (EMaQ's mu), mean_q (EMaQ: the ensemble's
+mean Q on its replay batches; SAC: its first Q network's).
 """
 
+import csv
 import glob
+import json
 import os
 import sys
 import warnings
@@ -19,36 +26,108 @@ from dataclasses import dataclass
 import numpy as np
 import tyro
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from benchmarks.medium_study import scalars  # noqa: E402
+from benchmarks.sweep import interval_estimates  # noqa: E402
+
+COLUMNS = ("step", "training_return", "evaluation_return", "final_evaluation_return", "behavior_nll", "mean_q")
+TAGS = dict(  # the TensorBoard tag of each column, per algorithm
+    emaq=("charts/episodic_return", "eval/episodic_return", "losses/behavior_nll", "losses/qf_values"),
+    sac=("charts/episodic_return", "eval/episodic_return", None, "losses/qf1_values"),
+)
+# D4RL's random and expert returns: the aggregate over environments is on this normalized scale (x 100)
+D4RL_REFERENCE = {"Hopper-v5": (-20.272305, 3234.3), "HalfCheetah-v5": (-280.178953, 12135.0)}
+D4RL_REFERENCE["Walker2d-v5"] = (1.629008, 4592.3)
 
 
 @dataclass
-class Args:
+class Export:
+    """Write a CSV per finished run (EMaQ's final 50-episode evaluation is run here, from its last checkpoint)."""
+
+    env_id: str
+    """the environment of the runs"""
     emaq_dir: str
     """folder holding emaq_online.py's run folders"""
     sac_dir: str
-    """folder holding CleanRL's SAC run folders"""
-    out: str = "benchmarks/results/online"
-    """where results.md and curves.png go"""
+    """folder holding benchmarks/cleanrl_sac.py's run folders (its OUT/runs)"""
+    out: str
+    """the folder of this environment's CSV files (benchmarks/results/online_<env>)"""
+    final_eval_episodes: int = 50
+    """episodes of EMaQ's final evaluation (SAC's ran at the end of its run)"""
+
+
+@dataclass
+class Tables:
+    """Every environment's table and plot, and the summary over environments, from the CSV files alone."""
+
+    results: str = "benchmarks/results"
+    """the folder holding online_<env>/ folders of CSV files"""
     steps: tuple[int, ...] = (25_000, 50_000, 100_000)
-    """the step counts of the table"""
+    """the step counts of each table"""
     window: int = 5_000
     """training episodes that ended in the last `window` steps before a step count are averaged"""
-    title: str = "Hopper-v5"
-    """the plot's title (the environment)"""
+    reps: int = 2000
+    """bootstrap resamples of rliable's intervals"""
 
 
 def runs_below(folder: str) -> list[str]:
     return sorted({os.path.dirname(p) for p in glob.glob(f"{folder}/**/events.out.tfevents.*", recursive=True)})
 
 
-def window_mean(returns: dict[int, float], step: int, window: int) -> float:
+def export(args: Export):
+    os.makedirs(args.out, exist_ok=True)
+    for algo, folder in (("emaq", args.emaq_dir), ("sac", args.sac_dir)):
+        for run_dir in runs_below(folder):
+            env_id, _, seed, _ = os.path.basename(run_dir).split("__")  # <env>__<exp name>__<seed>__<time>
+            if env_id != args.env_id:
+                continue
+            columns = [scalars(run_dir, tag)[0] if tag else {} for tag in TAGS[algo]]
+            last_step = max(columns[1], default=0)
+            final = final_evaluation(algo, run_dir, args.final_eval_episodes)
+            rows = {step: {} for values in columns for step in values} | {last_step: {}}
+            for name, values in zip(COLUMNS[1:3] + COLUMNS[4:], columns, strict=True):
+                for step, value in values.items():
+                    rows[step][name] = value
+            rows[last_step]["final_evaluation_return"] = final
+            path = f"{args.out}/{algo}_seed{seed}.csv"
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                writer.writeheader()
+                writer.writerows({"step": step, **rows[step]} for step in sorted(rows))
+            print(f"{path}: {len(rows)} rows, last evaluation at step {last_step}, final evaluation {final:.1f}")
+
+
+def final_evaluation(algo: str, run_dir: str, episodes: int) -> float:
+    """SAC: the mean of final_evaluation.json (written by cleanrl_sac.py); EMaQ: its test-time policy at the run's N."""
+    if algo == "sac":
+        with open(os.path.join(run_dir, "final_evaluation.json")) as f:
+            return float(np.mean(json.load(f)["returns"]))
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import evaluate_online_run
+
+    with open(os.path.join(run_dir, "config.json")) as f:
+        n = json.load(f)["num_samples"]
+    return evaluate_online_run.main(evaluate_online_run.Args(run_dir, ns=(n,), episodes=episodes))[n]
+
+
+def read_run(path: str) -> dict[str, dict[int, float]]:
+    """A run's CSV: each column as {step: value}, the empty cells left out."""
+    columns = {name: {} for name in COLUMNS[1:]}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            for name in columns:
+                if row[name] != "":
+                    columns[name][int(row["step"])] = float(row[name])
+    return columns
+
+
+def window_mean(values: dict[int, float], step: int, window: int) -> float:
     """Mean of the values logged in (step - window, step]; nan when the run's log ends before `step`."""
-    if not returns or max(returns) < step - window // 5:  # stopped before `step` (episodes: at most window / 5 steps)
+    if not values or max(values) < step - window // 5:  # stopped before `step` (episodes: at most window / 5 steps)
         return float("nan")
-    values = [r for s, r in returns.items() if step - window < s <= step]
-    return float(np.mean(values)) if values else float("nan")
+    inside = [v for s, v in values.items() if step - window < s <= step]
+    return float(np.mean(inside)) if inside else float("nan")
 
 
 def mean_std(values) -> str:
@@ -61,57 +140,140 @@ def mean_std(values) -> str:
     return text if reached == len(values) else f"{text} ({reached} of {len(values)} seeds)"
 
 
-def main(args: Args):
-    tags = ("charts/episodic_return", "eval/episodic_return", "losses/behavior_nll")
-    emaq = [scalars(r, *tags) for r in runs_below(args.emaq_dir)]
-    sac = [scalars(r, "charts/episodic_return")[0] for r in runs_below(args.sac_dir)]
-    if not emaq or not sac:
-        sys.exit(f"error: found {len(emaq)} EMaQ and {len(sac)} SAC runs: check --emaq-dir and --sac-dir")
+def iqm_ci(scores, reps: int) -> tuple[float, float, float]:
+    """rliable's IQM over seeds and its 95% stratified bootstrap CI (one task); nan when no seed has the score."""
+    scores = np.asarray([s for s in scores if np.isfinite(s)], dtype=float)
+    if len(scores) == 0:
+        return float("nan"), float("nan"), float("nan")
+    point, ci = interval_estimates(scores.reshape(-1, 1), reps)
+    return float(point["iqm"]), float(ci["iqm"][0]), float(ci["iqm"][1])
+
+
+def fmt(point_ci, decimals: int = 0) -> str:
+    point, low, high = point_ci
+    return "n/a" if not np.isfinite(point) else f"{point:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]"
+
+
+def environment_table(env_id: str, runs: dict, args: Tables) -> list[str]:
+    """One environment's markdown: the curves at args.steps, then the final and last evaluations' IQM per algorithm."""
+    emaq, sac = runs["emaq"], runs["sac"]
+    seeds = ", ".join(f"{algo.upper()} {len(r)}" for algo, r in runs.items())
     lines = [
-        f"{len(emaq)} EMaQ and {len(sac)} SAC seeds; mean ± std over seeds; training: the episodes that ended in the "
-        f"last {args.window:,} steps",
+        f"## {env_id}: seeds {seeds}",
         "",
-        "| env steps | SAC training | EMaQ training | EMaQ test-time policy | mu's NLL (EMaQ) |",
-        "|---|---|---|---|---|",
+        "Mean ± std over seeds. Evaluation: the evaluation policy over 10 episodes (seeds 0-9) at the step; training:",
+        f"the episodes that ended in the last {args.window:,} steps.",
+        "",
+        "| env steps | SAC evaluation | EMaQ evaluation | SAC training | EMaQ training | mu's NLL (EMaQ) |",
+        "|---|---|---|---|---|---|",
     ]
     for step in args.steps:
-        sac_train = [window_mean(r, step, args.window) for r in sac]
-        emaq_train = [window_mean(train, step, args.window) for train, _, _ in emaq]
-        emaq_eval = [evals.get(step, np.nan) for _, evals, _ in emaq]
-        nll = [nll[max(s for s in nll if s <= step)] if any(s <= step for s in nll) else np.nan for *_, nll in emaq]
-        row = f"| {step:,} | {mean_std(sac_train)} | {mean_std(emaq_train)} | {mean_std(emaq_eval)} |"
-        lines.append(f"{row} {np.nanmean(nll):.1f} ± {np.nanstd(nll):.1f} |")
-    os.makedirs(args.out, exist_ok=True)
-    open(f"{args.out}/results.md", "w").write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot(args, emaq, sac)
+        cells = [[r["evaluation_return"].get(step, np.nan) for r in runs_] for runs_ in (sac, emaq)]
+        cells += [[window_mean(r["training_return"], step, args.window) for r in runs_] for runs_ in (sac, emaq)]
+        nll = [at_or_before(r["behavior_nll"], step) for r in emaq]
+        nll_text = f"{np.nanmean(nll):.1f} ± {np.nanstd(nll):.1f}" if np.isfinite(nll).any() else "n/a"
+        lines.append(f"| {step:,} | " + " | ".join(mean_std(c) for c in cells) + f" | {nll_text} |")
+    lines += [
+        "",
+        "IQM over seeds [95% stratified bootstrap CI] (rliable), at the last step:",
+        "",
+        "| | SAC | EMaQ |",
+        "|---|---|---|",
+    ]
+    for name, label in (("final_evaluation_return", "final evaluation, 50 episodes"), ("evaluation_return", "")):
+        label = label or "last evaluation, 10 episodes"
+        per_algo = [iqm_ci([last(r[name]) for r in runs_], args.reps) for runs_ in (sac, emaq)]
+        lines.append(f"| {label} | {fmt(per_algo[0])} | {fmt(per_algo[1])} |")
+    return lines
 
 
-def plot(args: Args, emaq, sac):
+def last(values: dict[int, float]) -> float:
+    return values[max(values)] if values else float("nan")
+
+
+def at_or_before(values: dict[int, float], step: int) -> float:
+    """The value last logged at or before `step` (nan if none)."""
+    steps = [s for s in values if s <= step]
+    return values[max(steps)] if steps else float("nan")
+
+
+def plot(env_id: str, runs: dict, out: str, args: Tables):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     grid = np.arange(args.window, max(args.steps) + 1, args.window)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    curves = [
-        ("SAC (CleanRL), training episodes", "tab:blue", "-", sac),
-        ("EMaQ, training episodes", "tab:orange", "-", [train for train, *_ in emaq]),
-        ("EMaQ, test-time policy (10 episodes)", "tab:red", "--", [evals for _, evals, _ in emaq]),
-    ]
-    for label, color, style, per_seed in curves:
-        window = args.window if "training" in label else 1  # an evaluation is logged at its step
-        values = np.array([[window_mean(r, s, window) for s in grid] for r in per_seed])
-        with warnings.catch_warnings(action="ignore"):  # steps that no seed has reached are nan, and left out
-            mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
-        ax.plot(grid, mean, style, color=color, label=label)
-        ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.15)
-    ax.set(xlabel="environment steps", ylabel="return", title=f"{args.title}, mean ± std over {len(emaq)} seeds")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, column, title in (
+        (axes[0], "evaluation_return", "evaluation policy, 10 episodes"),
+        (axes[1], "training_return", "training episodes"),
+    ):
+        for algo, color, label in (("sac", "tab:blue", "SAC (CleanRL)"), ("emaq", "tab:red", "EMaQ")):
+            window = args.window if column == "training_return" else 1  # an evaluation is logged at its step
+            values = np.array([[window_mean(r[column], s, window) for s in grid] for r in runs[algo]])
+            with warnings.catch_warnings(action="ignore"):  # steps that no seed has reached are nan, and left out
+                mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
+            ax.plot(grid, mean, color=color, label=f"{label}, {len(runs[algo])} seeds")
+            ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.15)
+        ax.set(xlabel="environment steps", title=f"{env_id}: {title}")
+    axes[0].set_ylabel("return (mean ± std over seeds)")
+    axes[0].legend()
     fig.tight_layout()
-    fig.savefig(f"{args.out}/curves.png", dpi=120)
+    fig.savefig(f"{out}/curves.png", dpi=110)
+    plt.close(fig)
+
+
+def tables(args: Tables):
+    folders = sorted(glob.glob(f"{args.results}/online_*/"))
+    summary = ["# Online EMaQ beside SAC: the final evaluation (50 episodes) at the last step", ""]
+    summary += ["| environment | SAC | EMaQ | seeds (SAC, EMaQ) |", "|---|---|---|---|"]
+    normalized = {"sac": [], "emaq": []}
+    for folder in folders:
+        runs = {
+            algo: [read_run(p) for p in sorted(glob.glob(f"{folder}/{algo}_seed*.csv"))] for algo in ("sac", "emaq")
+        }
+        if not runs["sac"] and not runs["emaq"]:
+            continue
+        env_id = environment_of(folder)
+        lines = environment_table(env_id, runs, args)
+        with open(f"{folder}/results.md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n".join(lines) + "\n")
+        plot(env_id, runs, folder, args)
+        finals = {algo: [last(r["final_evaluation_return"]) for r in runs[algo]] for algo in runs}
+        cells = " | ".join(fmt(iqm_ci(finals[algo], args.reps)) for algo in ("sac", "emaq"))
+        summary.append(f"| {env_id} | {cells} | {len(runs['sac'])}, {len(runs['emaq'])} |")
+        low, high = D4RL_REFERENCE[env_id]
+        for algo in normalized:
+            normalized[algo].append([100 * (s - low) / (high - low) for s in finals[algo]])
+    summary += ["", "Per environment: IQM of the raw returns over seeds [95% stratified bootstrap CI] (rliable)."]
+    seeds = {len(s) for scores in normalized.values() for s in scores}
+    if len(folders) > 1 and len(seeds) == 1 and seeds != {0}:  # rliable's runs x tasks matrix needs equal seeds
+        matrix = {algo: np.array(scores).T for algo, scores in normalized.items()}
+        cells = [interval_estimates(matrix[algo], args.reps) for algo in ("sac", "emaq")]
+        text = [fmt((p["iqm"], *c["iqm"]), 1) for p, c in cells]
+        summary += ["", "| over the environments (D4RL-normalized) | SAC | EMaQ |", "|---|---|---|"]
+        summary += [f"| IQM [95% stratified bootstrap CI] | {text[0]} | {text[1]} |"]
+    else:
+        summary += ["", "No aggregate over environments: it needs the same number of seeds of both everywhere."]
+    with open(f"{args.results}/online_summary.md", "w") as f:
+        f.write("\n".join(summary) + "\n")
+    print("\n".join(summary))
+
+
+def environment_of(folder: str) -> str:
+    """online_hopper/ -> Hopper-v5 (the environments of D4RL_REFERENCE)."""
+    name = os.path.basename(os.path.normpath(folder)).removeprefix("online_")
+    matches = [env for env in D4RL_REFERENCE if env.split("-")[0].lower() == name]
+    if not matches:
+        sys.exit(f"error: {folder}: no environment named {name!r} (online_<hopper|halfcheetah|walker2d>)")
+    return matches[0]
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    command = tyro.extras.subcommand_cli_from_dict(dict(export=Export, tables=Tables))
+    if isinstance(command, Export):
+        export(command)
+    else:
+        tables(command)

@@ -1,12 +1,23 @@
-"""The online comparison's two benchmark pieces: CleanRL's SAC on Gymnasium 1.x (benchmarks/cleanrl_sac.py) and the
-table made from both algorithms' TensorBoard events (benchmarks/online_study.py)."""
+"""The online comparison's benchmark pieces: CleanRL's SAC on Gymnasium 1.x with its deterministic policy evaluated
+under emaq_online.py's protocol (benchmarks/cleanrl_sac.py), the per-run CSVs made from both algorithms' runs, and the
+tables and plots made from those CSVs alone (benchmarks/online_study.py)."""
+
+import csv
+import dataclasses
+import json
+import os
 
 import numpy as np
 import pytest
+import torch
+from conftest import run_script
+from test_online import ONLINE_TINY, only_run
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+import emaq_online as eon
 from benchmarks import online_study
-from benchmarks.cleanrl_sac import SameStepVectorEnv
+from benchmarks.cleanrl_sac import SameStepVectorEnv, evaluate_deterministic
 
 
 def test_the_sac_runner_reports_ended_episodes_as_gymnasium_029_did():
@@ -36,34 +47,126 @@ def test_the_sac_runner_reports_ended_episodes_as_gymnasium_029_did():
     envs.close()
 
 
-def test_the_table_averages_each_seeds_last_window_then_the_seeds(tmp_path, capsys):
-    for algo, seed, offset in [("emaq", 1, 0.0), ("emaq", 2, 100.0), ("sac", 1, 10.0), ("sac", 2, 30.0)]:
-        writer = SummaryWriter(str(tmp_path / algo / f"run{seed}"))
-        for step, value in [(24_000, 1.0), (25_000, 3.0), (26_000, 50.0), (20_000, 7.0)]:  # window (20k, 25k]
-            writer.add_scalar("charts/episodic_return", value + offset, step)
-        if algo == "emaq":
-            writer.add_scalar("eval/episodic_return", 200.0 + offset, 25_000)
-            for step, nll in [(24_000, 5.0 + seed), (25_000, 3.0 + seed), (26_000, 99.0)]:  # the last one at 25k
-                writer.add_scalar("losses/behavior_nll", nll, step)
-        writer.close()
-    args = online_study.Args(str(tmp_path / "emaq"), str(tmp_path / "sac"), str(tmp_path / "out"), steps=(25_000,))
-    online_study.main(args)
-    row = capsys.readouterr().out.strip().splitlines()[-1]
-    # SAC: seeds 12 and 32 -> 22 ± 10; EMaQ: 2 and 102 -> 52 ± 50; its evaluation: 200, 300 -> 250 ± 50; NLL 4, 5
-    assert row == "| 25,000 | 22 ± 10 | 52 ± 50 | 250 ± 50 | 4.5 ± 0.5 |"
-    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
+class TanhMeanActor(nn.Module):
+    """The interface of CleanRL's SAC actor that the evaluation reads: forward -> (mean, log_std), the action bounds."""
+
+    def __init__(self, obs_dim, act_dim, low, high):
+        super().__init__()
+        self.fc_mean = nn.Linear(obs_dim, act_dim)
+        self.register_buffer("action_scale", torch.as_tensor((high - low) / 2, dtype=torch.float32))
+        self.register_buffer("action_bias", torch.as_tensor((high + low) / 2, dtype=torch.float32))
+
+    def forward(self, x):
+        mean = self.fc_mean(x)
+        return mean, torch.zeros_like(mean)
 
 
-def test_a_seed_that_stopped_before_the_step_is_left_out_and_the_row_says_so(tmp_path, capsys):
+def test_sacs_evaluation_is_its_deterministic_policy_on_emaqs_episodes_and_draws_no_random_number():
+    """The same returns as emaq_online.evaluate with the policy tanh(mean) scaled (so: the same seeded episodes), and
+    torch's generator untouched (SAC's training draws the same numbers with and without evaluations)."""
+    torch.manual_seed(0)
+    envs = eon.make_envs("Hopper-v5", 3)
+    space = envs.single_action_space
+    actor = TanhMeanActor(envs.single_observation_space.shape[0], space.shape[0], space.low, space.high)
+    rng = torch.get_rng_state()
+    returns = evaluate_deterministic(actor, "Hopper-v5", episodes=3, seed=7)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    def policy(obs, generator):
+        return torch.tanh(actor(obs)[0]) * actor.action_scale + actor.action_bias
+
+    with torch.no_grad():
+        expected = eon.evaluate(policy, envs, envs.single_observation_space, lambda o: o, 7, torch.device("cpu"))
+    np.testing.assert_array_equal(returns, expected)
+    assert len(set(returns.round(6))) == 3  # three different episodes
+    envs.close()
+
+
+def write_events(run_dir, tags: dict):
+    writer = SummaryWriter(str(run_dir))
+    for tag, values in tags.items():
+        for step, value in values.items():
+            writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def test_export_writes_a_csv_per_run_with_the_final_evaluation(tmp_path):
+    """SAC: synthetic events and its final_evaluation.json; EMaQ: a real tiny run, whose final evaluation is its
+    test-time policy at the run's own N over the asked episodes (tools/evaluate_online_run.py gives the same)."""
+    from tools import evaluate_online_run
+
+    sac_run = tmp_path / "sac" / "InvertedPendulum-v5__sac_continuous_action__2__123"
+    train, evals, q = {100: 5.0, 250: 7.0}, {200: 9.0, 400: 11.0}, {300: 1.5}
+    write_events(sac_run, {"charts/episodic_return": train, "eval/episodic_return": evals, "losses/qf1_values": q})
+    json.dump(dict(returns=[10.0, 20.0]), open(sac_run / "final_evaluation.json", "w"))
+    assert run_script("emaq_online.py", *ONLINE_TINY, "--runs-dir", str(tmp_path / "emaq")).returncode == 0
+    emaq_run = only_run(tmp_path / "emaq")
+    args = online_study.Export(
+        "InvertedPendulum-v5", str(tmp_path / "emaq"), str(tmp_path / "sac"), str(tmp_path / "out")
+    )
+    online_study.export(dataclasses.replace(args, final_eval_episodes=3))
+
+    sac = list(csv.DictReader(open(tmp_path / "out" / "sac_seed2.csv")))
+    assert tuple(sac[0]) == online_study.COLUMNS
+    assert [(r["step"], r["training_return"], r["evaluation_return"], r["mean_q"]) for r in sac] == [
+        ("100", "5.0", "", ""),
+        ("200", "", "9.0", ""),
+        ("250", "7.0", "", ""),
+        ("300", "", "", "1.5"),
+        ("400", "", "11.0", ""),
+    ]
+    assert [r["final_evaluation_return"] for r in sac] == ["", "", "", "", "15.0"]
+    emaq = online_study.read_run(str(tmp_path / "out" / "emaq_seed1.csv"))
+    history = json.load(open(os.path.join(emaq_run, "summary.json")))["history"]
+    assert emaq["evaluation_return"] == pytest.approx({step: value for step, value in history})
+    assert emaq["training_return"] and emaq["behavior_nll"] and emaq["mean_q"]
+    again = evaluate_online_run.main(evaluate_online_run.Args(emaq_run, ns=(8,), episodes=3, cuda=False))
+    assert emaq["final_evaluation_return"] == pytest.approx({400: again[8]})
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=online_study.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_tables_are_built_from_the_csv_files_alone(tmp_path, capsys):
+    """Per environment: evaluations at the step and training windows averaged per seed, then mean ± std over seeds;
+    the IQM of the final evaluation per algorithm; the aggregate over environments on D4RL's normalized scale."""
+    for env, offset in (("hopper", 0.0), ("halfcheetah", 1000.0)):
+        folder = tmp_path / f"online_{env}"
+        folder.mkdir()
+        for algo, seed, shift in [("sac", 1, 0.0), ("sac", 2, 20.0), ("emaq", 1, 100.0), ("emaq", 2, 300.0)]:
+            rows = [
+                dict(step=20_000, training_return=7.0 + shift),  # outside the window (20k, 25k]
+                dict(step=24_000, training_return=1.0 + shift, behavior_nll=5.0 + seed),
+                dict(step=25_000, training_return=3.0 + shift, evaluation_return=200.0 + shift + offset),
+                dict(step=25_000 + 1, training_return=99.0),  # after the step
+            ]
+            rows[-1]["final_evaluation_return"] = 1000.0 + shift + offset
+            write_csv(folder / f"{algo}_seed{seed}.csv", rows)
+    online_study.tables(online_study.Tables(str(tmp_path), steps=(25_000,), reps=200))
+    hopper = (tmp_path / "online_hopper" / "results.md").read_text().splitlines()
+    # evaluation: SAC 200, 220 -> 210 ± 10; EMaQ 300, 500 -> 400 ± 100; training: SAC 2, 22 -> 12 ± 10; EMaQ 102, 302
+    assert "| 25,000 | 210 ± 10 | 400 ± 100 | 12 ± 10 | 202 ± 100 | 6.5 ± 0.5 |" in hopper
+    assert any(
+        line.startswith("| final evaluation, 50 episodes | 1010 [1000, 1020] | 1200 [1100, 1300] |") for line in hopper
+    )
+    assert (tmp_path / "online_hopper" / "curves.png").stat().st_size > 0
+    summary = (tmp_path / "online_summary.md").read_text()
+    assert "| HalfCheetah-v5 | 2010 [2000, 2020] | 2200 [2100, 2300] | 2, 2 |" in summary
+    assert "| IQM [95% stratified bootstrap CI] |" in summary
+
+
+def test_a_seed_that_stopped_before_the_step_is_left_out_and_the_row_says_so(tmp_path):
+    folder = tmp_path / "online_hopper"
+    folder.mkdir()
     for algo, seed, last_step in [("emaq", 1, 25_000), ("sac", 1, 25_000), ("sac", 2, 21_000)]:
-        writer = SummaryWriter(str(tmp_path / algo / f"run{seed}"))
-        for step in range(20_500, last_step + 1, 500):  # the second SAC seed stopped at 21k, inside the window
-            writer.add_scalar("charts/episodic_return", 10.0 * seed, step)
-        if algo == "emaq":
-            writer.add_scalar("eval/episodic_return", 200.0, 25_000)
-            writer.add_scalar("losses/behavior_nll", 5.0, 25_000)
-        writer.close()
-    args = online_study.Args(str(tmp_path / "emaq"), str(tmp_path / "sac"), str(tmp_path / "out"), steps=(25_000,))
-    online_study.main(args)
-    row = capsys.readouterr().out.strip().splitlines()[-1]
-    assert row == "| 25,000 | 10 ± 0 (1 of 2 seeds) | 10 ± 0 | 200 ± 0 | 5.0 ± 0.0 |"
+        rows = [dict(step=s, training_return=10.0 * seed) for s in range(20_500, last_step + 1, 500)]
+        rows[-1] |= dict(evaluation_return=200.0, behavior_nll=5.0) if algo == "emaq" else {}
+        write_csv(folder / f"{algo}_seed{seed}.csv", rows)
+    online_study.tables(online_study.Tables(str(tmp_path), steps=(25_000,), reps=200))
+    lines = (folder / "results.md").read_text().splitlines()
+    assert "| 25,000 | n/a | 200 ± 0 | 10 ± 0 (1 of 2 seeds) | 10 ± 0 | 5.0 ± 0.0 |" in lines
+    assert "No aggregate over environments" in (tmp_path / "online_summary.md").read_text()
