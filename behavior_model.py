@@ -3,11 +3,13 @@
 `BehaviorModel` is the paper's (App. B, G.3): a state MLP embeds s into h; head i reads [h, a[:i]] (or Lin_i(a[:i]))
 and outputs logits over `num_bins` equal-width bins of [low_i, high_i]. For speed, the D heads are stacked [D, in, out]
 weights, every head's state part is computed once per state, and dimension 0 depends on the state alone.
-`VAEBehaviorModel` is the VAE of prior work (App. H.1). Both scripts import this file, and `fp32_output_layer`.
+`VAEBehaviorModel` is the VAE of prior work (App. H.1). Both scripts import this file, and its precision helpers
+(`fp32_output_layer`, `bf16_copy` and mu's output layers `MU_OUTPUT`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Sequence
@@ -50,18 +52,17 @@ class BehaviorConfig:
 
 def action_bounds(action_space) -> tuple[list[float], list[float]]:
     """(low, high) of a bounded 1-D Box action space; a clear ValueError for anything else."""
-    name, low, high = (
-        type(action_space).__name__,
-        getattr(action_space, "low", None),
-        getattr(action_space, "high", None),
-    )
+    name = type(action_space).__name__
+    low = getattr(action_space, "low", None)
+    high = getattr(action_space, "high", None)
     problem = "" if name == "Box" and low is not None else f"({name})"
     if not problem:
-        low, high = torch.as_tensor(low, dtype=torch.float64), torch.as_tensor(high, dtype=torch.float64)
-        problem = f"shape {tuple(low.shape)} is not 1-D" if low.ndim != 1 else ""
-        problem = problem or (
-            "" if torch.isfinite(low).all() and torch.isfinite(high).all() else "its bounds are infinite"
-        )
+        low = torch.as_tensor(low, dtype=torch.float64)
+        high = torch.as_tensor(high, dtype=torch.float64)
+        if low.ndim != 1:
+            problem = f"shape {tuple(low.shape)} is not 1-D"
+        elif not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+            problem = "its bounds are infinite"
     if problem:
         raise ValueError(
             f"unsupported action space {action_space!r}: {problem}; EMaQ's behavior model supports a continuous "
@@ -117,9 +118,69 @@ def fp32_output_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
 # Where two bf16 products beat an fp32 copy of x and an fp32 matmul (a CPU: docs/benchmarks.md); both read the same
 # bf16 operands and agree to ~5e-6 of the value (tests/test_fast_update.py).
 TWO_PRODUCTS_ON = ("cpu",)
+MU_OUTPUT = ("head_out_w", "head_out_b", "decoder_out")  # mu's output layers (both models): fp32 in its bf16 copy
 
 
-class BehaviorModel(nn.Module):
+def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
+    """A frozen bf16 copy, but for the fp32 output layers `keep_fp32`: the target reads it (autocast would recast)."""
+    module = copy.deepcopy(module).requires_grad_(False)
+    for name, p in module.named_parameters():
+        if name.split(".")[0] not in keep_fp32:
+            p.data = p.data.to(torch.bfloat16)
+    return module
+
+
+# ----- One file format for both models: weights, the constructor's configuration and the kind of model -----
+class SavedModel(nn.Module):
+    """save() and load() of both behavior models; a subclass sets `kind` and `config` (its constructor's arguments)."""
+
+    kind = ""
+
+    def save(self, path: str) -> None:
+        """Weights, configuration and kind, written to a temporary file and renamed into place."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        blob = {"format": "emaq-behavior-model-v1", "kind": self.kind, "config": asdict(self.config)}
+        try:
+            torch.save(blob | {"state_dict": self.state_dict()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str, obs_dim: int | None = None, act_dim: int | None = None, map_location="cpu"):
+        """Weights only (torch.load(weights_only=True)); a clear ValueError for a missing, foreign, other-kind or
+        other-shape file. Files saved before the VAE existed have no kind: they are autoregressive."""
+        try:
+            blob = torch.load(path, map_location=map_location, weights_only=True)
+            config = blob["config"]
+            state = blob["state_dict"]
+            kind = blob.get("kind", "autoregressive")
+        except FileNotFoundError:
+            raise ValueError(f"no behavior model at {path}: pass the mu.pt file that an earlier run saved") from None
+        except Exception as e:  # truncated, tampered or foreign file
+            problem = f"{path} is not a readable behavior-model file ({type(e).__name__})"
+            raise ValueError(f"{problem}; retrain mu or pass another file") from None
+        if kind != cls.kind:
+            raise ValueError(
+                f"{path} holds a mu of kind {kind}, but this run asks for --behavior-model {cls.kind}: pass "
+                f"--behavior-model {kind}, or a mu of kind {cls.kind}"
+            )
+        saved_act = len(config["action_low"])
+        if (obs_dim is not None and obs_dim != config["obs_dim"]) or (act_dim is not None and act_dim != saved_act):
+            raise ValueError(
+                f"behavior model {path} was trained for observations of dim {config['obs_dim']} and actions of dim "
+                f"{saved_act}, but this data has observation dim {obs_dim} and action dim {act_dim}: pass a mu "
+                f"trained on this dataset, or drop the path to pretrain one"
+            )
+        model = cls(**config)
+        model.load_state_dict(state)
+        return model
+
+
+class BehaviorModel(SavedModel):
     """mu(a|s) = prod_i p(l_i | s, a[:i]) / width_i, a discretized autoregressive density (App. B)."""
 
     def __init__(
@@ -138,10 +199,8 @@ class BehaviorModel(nn.Module):
         """prefix_dim=0 feeds the raw prefix a[:i] (App. B); prefix_dim>0 feeds Lin_i(a[:i]) of that size (App. G.3)."""
         super().__init__()
         low, high = register_action_bounds(self, action_low, action_high)
-        if (
-            min(obs_dim, state_hidden, embed_dim, head_hidden, head_layers, num_bins) < 1
-            or min(state_layers, prefix_dim) < 0
-        ):
+        positive = min(obs_dim, state_hidden, embed_dim, head_hidden, head_layers, num_bins) >= 1
+        if not positive or min(state_layers, prefix_dim) < 0:
             raise ValueError("obs_dim, sizes, head_layers and num_bins must be >= 1; state_layers and prefix_dim >= 0")
         act_dim = low.numel()
         sizes = (state_hidden, state_layers, embed_dim, head_hidden, head_layers, prefix_dim, num_bins)
@@ -150,7 +209,8 @@ class BehaviorModel(nn.Module):
         self.register_buffer("bin_width", (high - low) / num_bins)
 
         # State MLP: `state_layers` hidden ReLU layers, then a linear embedding h (App. G).
-        layers, width = [], obs_dim
+        layers = []
+        width = obs_dim
         for _ in range(state_layers):
             layers += [nn.Linear(width, state_hidden), nn.ReLU()]
             width = state_hidden
@@ -216,7 +276,8 @@ class BehaviorModel(nn.Module):
     # ----- public surface ------------------------------------------------------------------------
     def loss(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Mean over the batch of -log p(labels | s): cross-entropy with teacher forcing, summed over dimensions."""
-        logits, labels = self.logits(obs, actions).flatten(0, 1).float(), self.labels(actions).flatten()
+        logits = self.logits(obs, actions).flatten(0, 1).float()
+        labels = self.labels(actions).flatten()
         return F.cross_entropy(logits, labels, reduction="sum") / obs.shape[0]
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -267,22 +328,12 @@ class BehaviorModel(nn.Module):
             actions[..., i] = self.low[i] + (label.to(actions.dtype) + inside) * self.bin_width[i]
         return torch.minimum(torch.maximum(actions, self.low), self.high)
 
-    # ----- saving and loading --------------------------------------------------------------------
-    kind = "autoregressive"
+    kind = "autoregressive"  # SavedModel: save() and load()
 
     @property
     def floats_per_sample(self) -> int:
         """Activations of one sampled action, in floats (the EMaQ target sizes its chunks with it)."""
         return 4 * self.config.head_hidden + 3 * self.num_bins
-
-    def save(self, path: str) -> None:  # weights and constructor configuration, atomically
-        save_model(self, path)
-
-    @classmethod
-    def load(
-        cls, path: str, obs_dim: int | None = None, act_dim: int | None = None, map_location="cpu"
-    ) -> BehaviorModel:
-        return load_model(cls, path, obs_dim, act_dim, map_location)
 
 
 # ----- The VAE of prior work (BCQ, BEAR, BRAC), for the paper's comparison (Appendix H.1, Figures 6, 8 and 9) -----
@@ -308,14 +359,14 @@ def _mlp(width_in: int, hidden: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
-class VAEBehaviorModel(nn.Module):
+class VAEBehaviorModel(SavedModel):
     """mu(a|s) as a conditional VAE (App. H.1, the implementation of Wu et al. 2019 that BRAC benchmarks with):
     encoder q(z|s,a) and decoder of `layers` hidden ReLU layers of `hidden` units, latent size 2 x action dim,
     decoder p(a|s,z) = N(tanh(v), I), loss = reconstruction NLL + 0.5 KL. Sampling follows prior work: z from the
     prior clipped to [-0.5, 0.5], and the decoder's mean tanh(v), not a draw from N(tanh(v), I). The model works on
     actions mapped to [-1, 1] from the action space's bounds (the autoregressive model's [low, high] bins)."""
 
-    kind = "vae"
+    kind = "vae"  # SavedModel: save() and load()
 
     def __init__(
         self,
@@ -330,7 +381,8 @@ class VAEBehaviorModel(nn.Module):
     ):
         super().__init__()
         low, high = register_action_bounds(self, action_low, action_high)
-        act_dim, latent_dim = low.numel(), latent_dim or 2 * low.numel()
+        act_dim = low.numel()
+        latent_dim = latent_dim or 2 * act_dim
         self.config = VAEConfig(
             int(obs_dim), low.tolist(), high.tolist(), hidden, layers, latent_dim, kl_weight, latent_clip
         )
@@ -396,55 +448,3 @@ class VAEBehaviorModel(nn.Module):
         z = (temperature * z).clamp(-self.config.latent_clip, self.config.latent_clip).to(obs.dtype)
         unit = self.decode(obs, z)
         return torch.minimum(torch.maximum(self.mid + self.half_range * unit, self.low), self.high)
-
-    def save(self, path: str) -> None:  # weights and constructor configuration, atomically
-        save_model(self, path)
-
-    @classmethod
-    def load(
-        cls, path: str, obs_dim: int | None = None, act_dim: int | None = None, map_location="cpu"
-    ) -> VAEBehaviorModel:
-        return load_model(cls, path, obs_dim, act_dim, map_location)
-
-
-# ----- One file format for both models: weights, the constructor's configuration and the kind of model -----
-def save_model(model: nn.Module, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    blob = {"format": "emaq-behavior-model-v1", "kind": model.kind, "config": asdict(model.config)}
-    try:
-        torch.save(blob | {"state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_model(cls, path: str, obs_dim: int | None, act_dim: int | None, map_location):
-    """Weights only (torch.load(weights_only=True)); a clear ValueError for a missing, foreign, other-kind or
-    other-shape file. Files saved before the VAE existed have no kind: they are autoregressive."""
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-        config, state, kind = blob["config"], blob["state_dict"], blob.get("kind", "autoregressive")
-    except FileNotFoundError:
-        raise ValueError(f"no behavior model at {path}: pass the mu.pt file that an earlier run saved") from None
-    except Exception as e:  # truncated, tampered or foreign file
-        raise ValueError(
-            f"{path} is not a readable behavior-model file ({type(e).__name__}); retrain mu or pass another file"
-        ) from None
-    if kind != cls.kind:
-        raise ValueError(
-            f"{path} holds a mu of kind {kind}, but this run asks for --behavior-model {cls.kind}: pass "
-            f"--behavior-model {kind}, or a mu of kind {cls.kind}"
-        )
-    saved_act = len(config["action_low"])
-    if (obs_dim is not None and obs_dim != config["obs_dim"]) or (act_dim is not None and act_dim != saved_act):
-        raise ValueError(
-            f"behavior model {path} was trained for observations of dim {config['obs_dim']} and actions of dim "
-            f"{saved_act}, but this data has observation dim {obs_dim} and action dim {act_dim}: pass a mu trained "
-            f"on this dataset, or drop the path to pretrain one"
-        )
-    model = cls(**config)
-    model.load_state_dict(state)
-    return model

@@ -1,5 +1,6 @@
 """Offline EMaQ (Expected-Max Q-learning; Ghasemipour, Schuurmans & Gu, ICML 2021) on Minari datasets: Args, data, the
-Q ensemble, EMaQ (eq. 11, eq. 10, Algorithm 1), evaluation, main, small helpers. Analyses of a saved run: tools/."""
+Q ensemble, EMaQ (eq. 11, eq. 10, Algorithm 1), evaluation, datasets, main, small helpers. Copied into another project,
+it needs behavior_model.py beside it, and tools/make_random_dataset.py for our random ids. Analyses of a run: tools/."""
 
 import contextlib
 import copy
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from behavior_model import BehaviorModel, VAEBehaviorModel, action_bounds, fp32_output_layer
+from behavior_model import MU_OUTPUT, BehaviorModel, VAEBehaviorModel, action_bounds, bf16_copy, fp32_output_layer
 
 
 @dataclasses.dataclass
@@ -108,12 +109,34 @@ MU_ARGS = ("dataset_id", "normalize_obs", "preset", "behavior_model", "behavior_
 MU_ARGS += ("behavior_holdout", "batch_size", "precision")
 
 
+# ----- Console and errors: what the data code, the algorithm and main report through --------------------------------
+def log(message: str):
+    """Progress notes go to stderr beside the progress bars; stdout carries only the final summary line."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def fail(message: str, code: int = 2):
+    """End the run with one clear line, the last on the screen: an error (code 2; no traceback), or a stop (130)."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    log(f"error: {message}" if code == 2 else message)
+    sys.exit(code)
+
+
 def preset_for(dataset_id: str) -> str:
     """Table 3's sizes for kitchen, antmaze, adroit, by the id's environment part ("pen" is not "invertedpendulum")."""
     parts = dataset_id.lower().split("/")
     env = re.sub(r"-v\d+$", "", parts[-2] if len(parts) >= 2 else parts[0])
     table3 = env in ("kitchen", "antmaze", "door", "hammer", "pen", "relocate")  # Minari's D4RL names
     return "table3" if table3 or env.startswith(("frankakitchen", "antmaze_", "adroithand")) else "mujoco"
+
+
+def read_config(run_dir: str) -> Args:
+    """The flags of the run in `run_dir` (its config.json)."""
+    try:
+        return Args(**json.load(open(os.path.join(run_dir, "config.json"))))
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"{run_dir} is not a run directory of emaq_offline.py ({e}); pass runs/<run name>")
 
 
 def cli(argv=None) -> Args:
@@ -154,11 +177,13 @@ def load_transitions(dataset, dataset_id: str):
             data[key].append(np.asarray(value, dtype=np.float32))
     data = {key: np.concatenate(value) for key, value in data.items()}
     for key, value in data.items():
-        if not (finite := np.isfinite(value.reshape(len(value), -1)).all(1)).all():
+        finite = np.isfinite(value.reshape(len(value), -1)).all(1)
+        if not finite.all():
             row, count = np.nonzero(~finite)[0][0], int((~np.isfinite(value)).sum())
             fail(f"dataset {dataset_id} has {count} NaN/Inf values in {key} (first at transition {row}): clean it")
     low32, high32 = np.float32(low), np.float32(high)
-    if outside := int(((data["actions"] < low32) | (data["actions"] > high32)).sum()):
+    outside = int(((data["actions"] < low32) | (data["actions"] > high32)).sum())
+    if outside:
         log(f"note: clipped {outside} action coordinates that lay outside the action space [{min(low)}, {max(high)}]")
         data["actions"] = np.clip(data["actions"], low32, high32)
     return data, low, high
@@ -200,31 +225,39 @@ def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 # ----- EMaQ: the target (eq. 11), one update (eq. 10), and the test-time policy (Algorithm 1) ------------------------
+def autocast(precision: str, device):
+    """bf16 autocast for the matmuls, or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
 def emaq_target(mu, q_target, rewards, next_obs, terminals, args, states_per_chunk: int | None = None) -> torch.Tensor:
     """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s'), in chunks of next states."""
     samples = mu.sample(next_obs, args.num_samples)  # [B, N, A], all at once: mu sizes its own chunks
-    backups, chunk = [], states_per_chunk or len(next_obs)
+    chunk = states_per_chunk or len(next_obs)
+    backups = []
     for obs_chunk, samples_chunk in zip(next_obs.split(chunk), samples.split(chunk), strict=True):  # [b, N] values
         backups.append(ensemble(q_target(obs_chunk, samples_chunk), args.ensemble_lambda).max(-1).values)
     return rewards + args.gamma * (1 - terminals) * torch.cat(backups)
 
 
-def emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, args, states_per_chunk) -> dict:
-    """One update (eq. 10); metrics stay on the device. target_mu/target_q: mu/q_target or their bf16 read copies."""
+def emaq_update(batch, mu_read, q_target_read, q_ensemble, q_target, q_optimizer, args, states_per_chunk) -> dict:
+    """One update (eq. 10); metrics stay on the device. The target reads mu_read and q_target_read: mu and q_target (the
+    EMA network) themselves, or their bf16 read copies, refreshed here from q_target after its EMA step."""
     obs, actions, rewards, next_obs, terminals = batch
     with autocast(args.precision, obs.device):
-        target = emaq_target(target_mu, target_q, rewards, next_obs, terminals, args, states_per_chunk)  # eq. 11
+        target = emaq_target(mu_read, q_target_read, rewards, next_obs, terminals, args, states_per_chunk)  # eq. 11
         q = q_ensemble(obs, actions.unsqueeze(1)).squeeze(-1)  # [K, B]
     loss = ((q - target) ** 2).mean(1).sum()  # eq. 10: each member's mean squared error, summed (independent members)
     q_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     q_optimizer.step()
     with torch.no_grad():
-        for p_tgt, p, p_read in zip(q_target.parameters(), q_ensemble.parameters(), target_q.parameters(), strict=True):
-            p_tgt.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
-            if p_read is not p_tgt:
-                p_read.copy_(p_tgt)
+        parameters = zip(q_target.parameters(), q_ensemble.parameters(), q_target_read.parameters(), strict=True)
+        for p_target, p, p_read in parameters:
+            p_target.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
+            if p_read is not p_target:
+                p_read.copy_(p_target)
     q = q.detach()  # the target came from no_grad
     metrics = dict(qf_loss=loss.detach() / args.num_qs, qf_values=q.mean(), q_ensemble_std=q.std(0).mean())
     return metrics | dict(target_values=target.mean())
@@ -239,18 +272,15 @@ def test_time_policy(mu, q_ensemble, obs, num_samples, test_lambda, generator=No
 
 
 # ----- Evaluation in the environment recovered from the dataset, vectorized over episodes ----------------------------
-def evaluate(policy, envs, obs_space, normalize, seed: int, device, frames: list | None = None) -> np.ndarray:
+def evaluate(policy, envs, obs_space, normalize, seed: int, device) -> np.ndarray:
     """Return of every sub-environment's first episode (the policy's own generator: training's streams never move)."""
-    (obs, _), generator = envs.reset(seed=seed), torch.Generator(device).manual_seed(seed)
+    obs, _ = envs.reset(seed=seed)
+    generator = torch.Generator(device).manual_seed(seed)
     returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
-    if frames is not None:  # the first sub-environment's episode, rendered
-        frames.append(envs.unwrapped.envs[0].render())
     while not done.all():
         obs_t = normalize(torch.as_tensor(flatten_obs(obs_space, obs), device=device))
         actions = policy(obs_t, generator).cpu().numpy()
         obs, rewards, terminated, truncated, _ = envs.step(actions)
-        if frames is not None and not done[0]:
-            frames.append(envs.unwrapped.envs[0].render())
         returns += rewards * ~done
         done |= terminated | truncated
     return returns
@@ -267,7 +297,7 @@ def evaluation_summary(returns, ref) -> dict:
     return s | dict(text=f"return {s['return_mean']:.1f} ± {se:.1f}{score_text} over {len(returns)} episodes")
 
 
-# ----- Minari datasets: load (generate or download on first use), check, reference scores, evaluation environments ---
+# ----- Minari datasets: generate (ours) or download on first use, load, reference scores, evaluation environments ---
 RANDOM_ID = re.compile(r"emaq/(?P<env_id>[^/]+)/random(?:_(?P<steps>\d+))?-v0")
 D4RL_REF_SCORES = dict(halfcheetah=(-280.178953, 12135.0), hopper=(-20.272305, 3234.3), walker2d=(1.629008, 4592.3))
 D4RL_REF_SCORES["ant"] = (-325.6, 3879.7)  # D4RL's (random, expert) returns, for datasets with no reference scores
@@ -279,7 +309,8 @@ def load_dataset(dataset_id: str, seed: int):
         if match := RANDOM_ID.fullmatch(dataset_id):
             from tools.make_random_dataset import generate_random_dataset  # lazily, as CleanRL imports its helpers
 
-            generate_random_dataset(dataset_id, match["env_id"], int(match["steps"] or 1_000_000), seed)
+            steps = int(match["steps"] or 1_000_000)
+            generate_random_dataset(dataset_id, match["env_id"], steps, seed, D4RL_REF_SCORES)
         else:
             try:  # without a network, a download would hang in retries
                 socket.create_connection(("huggingface.co", 443), timeout=3.0).close()
@@ -331,16 +362,17 @@ def main(args: Args):
         obs_mean, obs_std = torch.zeros_like(obs_mean), torch.ones_like(obs_std)
     normalize = lambda o: (o - obs_mean) / obs_std  # noqa: E731
     data["obs"], data["next_obs"] = normalize(data["obs"]), normalize(data["next_obs"])
-    envs, ref = make_eval_envs(dataset, args.final_eval_episodes), reference_scores(dataset)  # mu's and the last score
+    envs = make_eval_envs(dataset, args.final_eval_episodes)  # mu's baselines and the last evaluation
+    ref = reference_scores(dataset)
     perm = torch.randperm(num_transitions, generator=torch.Generator().manual_seed(args.seed)).to(device)
     num_holdout = min(int(args.behavior_holdout * num_transitions), 10_000)
     holdout_idx, train_idx = perm[:num_holdout], perm[num_holdout:]  # mu's held-out NLL
 
     # Models, and the run's state (obs_mean/std: for tools/); a checkpoint, if resuming, is restored here and only here
-    mu = behavior_model(args, obs_dim, act_dim, low, high).to(device)
+    mu = build_or_load_mu(args, obs_dim, act_dim, low, high).to(device)
     mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr, fused=True)
     q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
-    q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
+    q_target = copy.deepcopy(q_ensemble).requires_grad_(False)  # the EMA network of eq. 11
     q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
     models = dict(mu=mu, mu_optimizer=mu_optimizer, q_ensemble=q_ensemble, q_target=q_target, q_optimizer=q_optimizer)
     run = dict(phase="behavior", step=0, history=[], mu_eval={}, last_returns=None, obs_mean=obs_mean, obs_std=obs_std)
@@ -389,19 +421,21 @@ def main(args: Args):
             writer.add_scalar(f"eval/behavior_{name}return", returns.mean(), 0)
             if ref:
                 writer.add_scalar(f"eval/behavior_{name}{ref[2]}", evaluation_summary(returns, ref)["score"], 0)
-        run["phase"], run["step"] = "emaq", 0
+        run["phase"] = "emaq"
+        run["step"] = 0
     log(f"mu alone: {evaluation_summary(run['mu_eval']['returns'], ref)['text']}")
 
-    # EMaQ: the Q ensemble trained with the target of eq. 11 (Algorithm 1, Appendix C)
-    target_mu, target_q = mu, q_target  # in bf16, the target reads bf16 copies (the fp32 target stays the EMA's master)
+    # EMaQ: the Q ensemble trained with the target of eq. 11 (Algorithm 1, Appendix C). The target reads mu and the EMA
+    # network q_target, or in bf16 their read copies (q_target stays the fp32 master of the EMA)
+    mu_read, q_target_read = mu, q_target
     if args.precision == "bf16":
-        target_mu, target_q = bf16_copy(mu, MU_OUTPUT), bf16_copy(q_target, Q_OUTPUT)
+        mu_read, q_target_read = bf16_copy(mu, MU_OUTPUT), bf16_copy(q_target, Q_OUTPUT)
     states_per_chunk = target_states_per_chunk(args, mu, device)
 
     def update():
         idx = torch.randint(num_transitions, (args.batch_size,), device=device)  # drawn on the device
         batch = [data[key][idx] for key in ("obs", "actions", "rewards", "next_obs", "terminals")]
-        return emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, args, states_per_chunk)
+        return emaq_update(batch, mu_read, q_target_read, q_ensemble, q_target, q_optimizer, args, states_per_chunk)
 
     update = compile_update(update, args)  # torch.compile (+ CUDA graphs) where it pays; eager otherwise
 
@@ -414,7 +448,8 @@ def main(args: Args):
         metrics = update()
         finite = torch.isfinite(metrics["qf_loss"]) & torch.isfinite(metrics["qf_values"])
         nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, step, nonfinite_at)
-        run["step"], is_last = step, step == args.total_updates
+        run["step"] = step
+        is_last = step == args.total_updates
         if step % args.log_every == 0 or is_last:
             stop_if_nonfinite(nonfinite_at, run_dir)  # host syncs: once per log interval
             for key, value in metrics.items():
@@ -440,7 +475,8 @@ def main(args: Args):
     # The final checkpoint (the saved run that tools/ read) and the summary
     run["phase"] = "done"
     save()
-    summary, line = dict(dataset_id=args.dataset_id, score_tag=ref[2] if ref else None, history=run["history"]), []
+    summary = dict(dataset_id=args.dataset_id, score_tag=ref[2] if ref else None, history=run["history"])
+    line = []
     for name, key in (("mu", "returns"), ("mu_greedy", "greedy_returns")):  # the behavior-cloning baselines
         s = evaluation_summary(run["mu_eval"][key], ref)
         summary |= {f"{name}_{k}": s[v] for k, v in (("return", "return_mean"), ("score", "score"))}
@@ -454,68 +490,7 @@ def main(args: Args):
     return summary
 
 
-# ----- Helpers of main: checks and logging, mu loading; then speed, checkpoints and resume, signals ----------------
-def check_args(args: Args, device) -> Args:
-    """Resolve 'auto' flags and refuse impossible values."""
-    args = dataclasses.replace(args, preset=preset_for(args.dataset_id) if args.preset == "auto" else args.preset)
-    args.final_eval_episodes = args.final_eval_episodes or args.eval_episodes
-    resolve_speed_flags(args, device)
-    lambdas = (args.ensemble_lambda, args.test_ensemble_lambda)
-    cudagraphs_need = "--cudagraphs on replays the compiled update on a CUDA GPU: it needs --compile on and a GPU"
-    problems = [
-        (args.num_samples < 1, f"--num-samples (N) must be >= 1, got {args.num_samples}"),
-        (args.num_qs < 1, f"--num-qs (K) must be >= 1, got {args.num_qs}"),
-        (min(args.batch_size, args.q_hidden, args.q_layers, args.eval_episodes) < 1, "sizes must be >= 1"),
-        (min(args.eval_every, args.log_every, args.checkpoint_every) < 1, "the --*-every flags must be >= 1"),
-        (min(args.total_updates, args.behavior_updates, args.final_eval_episodes) < 0, "counts must be >= 0"),
-        (not 0 <= min(lambdas) <= max(lambdas) <= 1, "--ensemble-lambda and --test-ensemble-lambda must lie in [0, 1]"),
-        (not (0 <= args.ema < 1 and 0 <= args.gamma <= 1), "--ema must lie in [0, 1) and --gamma in [0, 1]"),
-        (not 0 <= args.behavior_holdout < 0.5, "--behavior-holdout must lie in [0, 0.5)"),
-        (not (args.behavior_path or args.behavior_updates), "--behavior-updates 0 needs --behavior-path (a saved mu)"),
-        (args.cudagraphs == "on" and (args.compile == "off" or device.type != "cuda"), cudagraphs_need),
-    ]
-    for message in [message for bad, message in problems if bad][:1]:
-        fail(message)
-    return args
-
-
-def log(message: str):
-    """Progress notes go to stderr beside the progress bars; stdout carries only the final summary line."""
-    tqdm.write(message, file=sys.stderr)
-
-
-def fail(message: str, code: int = 2):
-    """End the run with one clear line, the last on the screen: an error (code 2; no traceback), or a stop (130)."""
-    for bar in list(getattr(tqdm, "_instances", [])):
-        bar.close()
-    log(f"error: {message}" if code == 2 else message)
-    sys.exit(code)
-
-
-def behavior_model(args: Args, obs_dim: int, act_dim: int, low, high):
-    """A new mu, or a saved one (--behavior-path) trained on this dataset, with this normalization, for these shapes."""
-    model_class = VAEBehaviorModel if args.behavior_model == "vae" else BehaviorModel
-    if not args.behavior_path:
-        return (
-            VAEBehaviorModel(obs_dim, low, high)
-            if args.behavior_model == "vae"
-            else BehaviorModel.from_preset(args.preset, obs_dim, low, high)
-        )
-    try:
-        mu = model_class.load(args.behavior_path, obs_dim, act_dim)
-    except ValueError as e:
-        fail(str(e))
-    meta_path = os.path.join(os.path.dirname(os.path.abspath(args.behavior_path)), "mu.json")
-    meta = (
-        json.load(open(meta_path)) if os.path.exists(meta_path) else dataclasses.asdict(args)
-    )  # a mu from elsewhere: trusted
-    trained, this_run = (meta["dataset_id"], meta["normalize_obs"]), (args.dataset_id, args.normalize_obs)
-    if trained != this_run:
-        fail(f"{args.behavior_path} was trained on (dataset, normalize_obs) {trained}, this run has {this_run}")
-    return mu
-
-
-# ----- speed: bf16 read copies, target chunks, torch.compile and CUDA graphs (docs/benchmarks.md) ----------------
+# ----- Helpers of main: the flags, mu; speed; the run directory, checkpoints and resume, signals ------------------
 def resolve_speed_flags(args, device):
     """'auto': bf16 where native (CUDA, AVX512-BF16, AMX); compile and CUDA graphs on a GPU only (no gain on a CPU)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private to torch.cpu: absent means no
@@ -527,22 +502,63 @@ def resolve_speed_flags(args, device):
         args.cudagraphs = "on" if device.type == "cuda" and args.compile == "on" else "off"
 
 
-def autocast(precision: str, device):
-    """bf16 autocast for the matmuls, or nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def check_shared_args(args, device):
+    """Refuse impossible values of the flags both scripts share, the first with one `error:` line (NaN is refused too).
+    A verbatim copy in both scripts: tests/test_shared_code.py keeps them identical, tests/test_flags.py runs both."""
+    letters = {"num_samples": " (N)", "num_qs": " (K)"}  # the paper's names
+    at_least_one = ["num_samples", "num_qs", "q_hidden", "q_layers", "batch_size", "eval_episodes", "eval_every"]
+    rules = {name: ("be >= 1", lambda v: v >= 1) for name in [*at_least_one, "log_every", "checkpoint_every"]}
+    rules |= {name: ("be > 0", lambda v: v > 0) for name in ["q_lr", "behavior_lr"]}  # name: (the rule, its test)
+    rules["gamma"] = ("lie in [0, 1]", lambda v: 0 <= v <= 1)
+    rules["ema"] = ("lie in [0, 1) (at 1 the target never moves)", lambda v: 0 <= v < 1)
+    rules["target_memory_gb"] = ("be > 0 (or unset: half the free memory)", lambda v: v is None or v > 0)
+    for name, (rule, holds) in rules.items():
+        if not holds(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')}{letters.get(name, '')} must {rule}, got {getattr(args, name)}")
+    lambdas = (args.ensemble_lambda, args.test_ensemble_lambda)
+    if not (0 <= lambdas[0] <= 1 and 0 <= lambdas[1] <= 1):
+        fail(f"--ensemble-lambda and --test-ensemble-lambda must lie in [0, 1], got {lambdas[0]} and {lambdas[1]}")
+    if args.cudagraphs == "on" and (args.compile == "off" or device.type != "cuda"):
+        fail("--cudagraphs on replays the compiled update on a CUDA GPU: it needs --compile on and a GPU")
 
 
-MU_OUTPUT, Q_OUTPUT = ("head_out_w", "head_out_b", "decoder_out"), ("w_out", "b_out")  # fp32 in the bf16 copies
+def check_args(args: Args, device) -> Args:
+    """Resolve 'auto' flags; refuse impossible values: the flags both scripts share, then this script's own."""
+    args = dataclasses.replace(args, preset=preset_for(args.dataset_id) if args.preset == "auto" else args.preset)
+    args.final_eval_episodes = args.final_eval_episodes or args.eval_episodes
+    resolve_speed_flags(args, device)
+    check_shared_args(args, device)
+    if min(args.total_updates, args.behavior_updates, args.final_eval_episodes) < 0:
+        fail("--total-updates, --behavior-updates and --final-eval-episodes must be >= 0")
+    if not 0 <= args.behavior_holdout < 0.5:
+        fail(f"--behavior-holdout must lie in [0, 0.5), got {args.behavior_holdout}")
+    if not (args.behavior_path or args.behavior_updates):
+        fail("--behavior-updates 0 needs --behavior-path (a saved mu)")
+    return args
+
+
+def build_or_load_mu(args: Args, obs_dim: int, act_dim: int, low, high):
+    """A new mu, or a saved one (--behavior-path) trained on this dataset, with this normalization, for these shapes."""
+    if not args.behavior_path and args.behavior_model == "vae":
+        return VAEBehaviorModel(obs_dim, low, high)
+    if not args.behavior_path:
+        return BehaviorModel.from_preset(args.preset, obs_dim, low, high)
+    model_class = VAEBehaviorModel if args.behavior_model == "vae" else BehaviorModel
+    try:
+        mu = model_class.load(args.behavior_path, obs_dim, act_dim)
+    except ValueError as e:
+        fail(str(e))
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(args.behavior_path)), "mu.json")
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else dataclasses.asdict(args)  # else: trusted
+    trained, this_run = (meta["dataset_id"], meta["normalize_obs"]), (args.dataset_id, args.normalize_obs)
+    if trained != this_run:
+        fail(f"{args.behavior_path} was trained on (dataset, normalize_obs) {trained}, this run has {this_run}")
+    return mu
+
+
+# ----- speed: bf16 read copies, target chunks, torch.compile and CUDA graphs (docs/benchmarks.md) ----------------
+Q_OUTPUT = ("w_out", "b_out")  # the Q ensemble's output layer: fp32 in the bf16 read copy (mu's: MU_OUTPUT)
 CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU: a few MB stay in the caches (30-60 MB page-fault)
-
-
-def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
-    """A frozen bf16 copy, but for the fp32 output layers `keep_fp32`: the target reads it (autocast would recast)."""
-    module = copy.deepcopy(module).requires_grad_(False)
-    for name, p in module.named_parameters():
-        if name.split(".")[0] not in keep_fp32:
-            p.data = p.data.to(torch.bfloat16)
-    return module
 
 
 def target_states_per_chunk(args, mu, device) -> int:
@@ -551,10 +567,8 @@ def target_states_per_chunk(args, mu, device) -> int:
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")  # a CPU: chunks of a few MB
     budget = args.target_memory_gb * 2**30 if args.target_memory_gb else free / 2
     if per_state > budget:
-        needs, budget_gb = f"{per_state / 2**30:.2f} GiB per state for N={args.num_samples}", budget / 2**30
-        fail(
-            f"the EMaQ target needs {needs}, more than the {budget_gb:.2f} GiB budget: lower --num-samples or --num-qs"
-        )
+        needs = f"{per_state / 2**30:.2f} GiB per state (N={args.num_samples})"
+        fail(f"the EMaQ target needs {needs} (budget {budget / 2**30:.2f} GiB): lower --num-samples or --num-qs")
     states = int(min(args.batch_size, budget // per_state))
     return states if device.type != "cpu" else max(1, min(states, CPU_TARGET_ROWS // args.num_samples))
 
@@ -582,20 +596,6 @@ def compile_update(update, args):
 
 
 # ----- run directory, checkpoints and resume, signals --------------------------------------------------------------
-def open_run_dir(args: Args, ckpt):
-    """runs_dir/<dataset>__<exp_name>__<seed>__<time>, or the resumed run's; config.json and the TensorBoard writer."""
-    run_name = f"{args.dataset_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or os.path.join(args.runs_dir, run_name)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        atomic_save(
-            dataclasses.asdict(args), os.path.join(run_dir, "config.json")
-        )  # a resumed run may have a new total_updates
-    except OSError as e:
-        fail(f"cannot write the run directory {run_dir}: {e.strerror}; pass a writable --runs-dir")
-    return run_dir, SummaryWriter(run_dir)
-
-
 def atomic_save(obj, path: str):
     """Write a temporary file beside `path`, then rename it: a crash or a full disk never leaves a torn file."""
     try:
@@ -610,17 +610,16 @@ def atomic_save(obj, path: str):
             os.remove(f"{path}.tmp")
 
 
-def save_checkpoint(run_dir, run: dict, models: dict, nonfinite_at):
-    """Models, optimizers, torch's RNG (training draws from it alone), counters; never a NaN/Inf state."""
-    stop_if_nonfinite(nonfinite_at, run_dir)
-    rng = dict(rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+def open_run_dir(args: Args, ckpt):
+    """runs_dir/<dataset>__<exp_name>__<seed>__<time>, or the resumed run's; config.json and the TensorBoard writer."""
+    run_name = f"{args.dataset_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or os.path.join(args.runs_dir, run_name)
     try:
-        atomic_save(run | rng | {key: model.state_dict() for key, model in models.items()}, f"{run_dir}/checkpoint.pt")
-        atomic_save({"phase": run["phase"], "step": run["step"]}, f"{run_dir}/checkpoint.json")
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_save(dataclasses.asdict(args), os.path.join(run_dir, "config.json"))  # a resumed run's may be extended
     except OSError as e:
-        fail(
-            f"no checkpoint written ({e.strerror}); {last_checkpoint(run_dir)} is intact: free space, then --resume it"
-        )
+        fail(f"cannot write the run directory {run_dir}: {e.strerror}; pass a writable --runs-dir")
+    return run_dir, SummaryWriter(run_dir)
 
 
 def last_checkpoint(run_dir) -> str:
@@ -632,27 +631,29 @@ def last_checkpoint(run_dir) -> str:
 
 def stop_if_nonfinite(nonfinite_at: torch.Tensor, run_dir):
     """Fail, naming the first update whose loss or Q values were NaN/Inf (a host sync: call at log intervals)."""
-    if (bad := int(nonfinite_at)) >= 0:
+    bad = int(nonfinite_at)
+    if bad >= 0:
         good = last_checkpoint(run_dir)
         fail(f"the losses became NaN/Inf at update {bad}; resume from {good} with a lower --q-lr (or --behavior-lr)")
 
 
-def read_config(run_dir: str) -> Args:
-    """The flags of the run in `run_dir` (its config.json)."""
+def save_checkpoint(run_dir, run: dict, models: dict, nonfinite_at):
+    """Models, optimizers, torch's RNG (training draws from it alone), counters; never a NaN/Inf state."""
+    stop_if_nonfinite(nonfinite_at, run_dir)
+    rng = dict(rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     try:
-        return Args(**json.load(open(os.path.join(run_dir, "config.json"))))
-    except (OSError, ValueError, TypeError) as e:
-        fail(f"{run_dir} is not a run directory of emaq_offline.py ({e}); pass runs/<run name>")
+        atomic_save(run | rng | {key: model.state_dict() for key, model in models.items()}, f"{run_dir}/checkpoint.pt")
+        atomic_save({"phase": run["phase"], "step": run["step"]}, f"{run_dir}/checkpoint.json")
+    except OSError as e:
+        fail(f"no checkpoint written ({e.strerror}); {last_checkpoint(run_dir)} is intact: free space and --resume it")
 
 
 def load_checkpoint(args: Args) -> dict:
     """--resume: refuse flags that change what is computed (speed flags may change; more --total-updates extend)."""
-    saved, free = read_config(args.resume), ("resume", "cuda", "compile", "cudagraphs", "target_memory_gb")
-    conflicts = [
-        f"--{key.replace('_', '-')} {value} (the run has {getattr(saved, key)})"
-        for key, value in dataclasses.asdict(args).items()
-        if key not in (*free, "total_updates") and value != getattr(saved, key)
-    ]
+    saved = read_config(args.resume)
+    free = ("resume", "cuda", "compile", "cudagraphs", "target_memory_gb", "total_updates")  # a larger one extends
+    changed = [k for k, v in dataclasses.asdict(args).items() if k not in free and v != getattr(saved, k)]
+    conflicts = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {getattr(saved, k)})" for k in changed]
     if conflicts:
         fail(f"cannot resume {args.resume} with {', '.join(conflicts)}: resume without them, or start a new run")
     path = os.path.join(args.resume, "checkpoint.pt")
@@ -662,9 +663,7 @@ def load_checkpoint(args: Args) -> dict:
     except FileNotFoundError:
         fail(f"{args.resume} has no checkpoint.pt yet (one comes every --checkpoint-every updates): start a new run")
     except Exception as e:
-        fail(
-            f"{path} is truncated or not a checkpoint of emaq_offline.py ({type(e).__name__}); nothing was overwritten"
-        )
+        fail(f"{path} is truncated or not a checkpoint of this script ({type(e).__name__}): nothing was overwritten")
     if ckpt["phase"] == "done" and args.total_updates <= ckpt["step"]:
         fail(f"the run in {args.resume} already finished: extend it with a larger --total-updates, or start a new run")
     if ckpt["phase"] == "emaq" and args.total_updates < ckpt["step"]:
@@ -692,7 +691,8 @@ STOP = {"signal": None}  # set by SIGINT/SIGTERM; the training loops checkpoint 
 def stop_if_requested(run: dict, save, run_dir):
     if STOP["signal"] is not None:
         save()
-        where, resume = f"{run['phase']} update {run['step']}", f"python emaq_offline.py --resume {run_dir}"
+        where = f"{run['phase']} update {run['step']}"
+        resume = f"python emaq_offline.py --resume {run_dir}"
         fail(f"stopped by signal {STOP['signal']} at {where}: checkpoint written. Resume with: {resume}", code=130)
 
 

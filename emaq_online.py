@@ -6,7 +6,6 @@ run's replay buffer into a Minari dataset for emaq_offline.py. Docs: docs/online
 
 import copy
 import dataclasses
-import gc
 import json
 import os
 import signal
@@ -24,7 +23,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from behavior_model import BehaviorModel, VAEBehaviorModel, action_bounds, fp32_output_layer
+from behavior_model import MU_OUTPUT, BehaviorModel, VAEBehaviorModel, action_bounds, bf16_copy, fp32_output_layer
 
 
 @dataclasses.dataclass
@@ -36,7 +35,7 @@ class Args:
     cuda: bool = True
     """use the GPU when one is present"""
     runs_dir: str = "runs"
-    """TensorBoard logs, config.json, checkpoints and videos go to runs_dir/<run name>/"""
+    """TensorBoard logs, config.json and checkpoints go to runs_dir/<run name>/"""
     preset: Literal["paper", "cpu"] = "paper"
     """'paper': Appendix F's sizes (days on a CPU); 'cpu': small sizes, 100k steps, not the paper's (docs/online.md)"""
     env_id: str = "HalfCheetah-v5"
@@ -85,8 +84,6 @@ class Args:
     """evaluate the test-time policy every this many environment steps"""
     eval_episodes: int = 10
     """episodes per evaluation, run as one vectorized environment"""
-    capture_video: bool = False
-    """record the first episode of every evaluation as runs/<run>/videos/step_<env step>.mp4"""
     eval_seed: int = 0
     """seed of the evaluation episodes and of their samples from mu (the same at every evaluation)"""
     log_every: int = 1_000
@@ -106,9 +103,31 @@ class Args:
 
 
 # --preset cpu (flags passed win; `--preset cpu --help` shows it): chosen by a grid on Hopper-v5 (docs/online.md)
-PRESETS = dict(paper={}, cpu=dict(num_qs=2, q_hidden=256, q_layers=2, num_samples=4, behavior_preset="small"))
+PRESETS = dict(paper={}, cpu=dict(num_qs=2, q_hidden=256, q_layers=2, num_samples=20, behavior_preset="small"))
 PRESETS["cpu"] |= dict(q_lr=3e-4, ema=0.98, temperature=10.0, total_timesteps=100_000, learning_starts=5_000)
 PRESETS["cpu"] |= dict(eval_every=5_000)
+
+
+# ----- Console and errors: what the environment code, the algorithm and main report through ---------------------------
+def log(message: str):
+    """Progress notes go to stderr beside the progress bars; stdout carries only the final summary line."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def fail(message: str, code: int = 2):
+    """End the run with one clear line, the last on the screen: an error (code 2; no traceback), or a stop (130)."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    log(f"error: {message}" if code == 2 else message)
+    sys.exit(code)
+
+
+def read_config(run_dir: str) -> Args:
+    """The flags of the run in `run_dir` (its config.json)."""
+    try:
+        return Args(**json.load(open(os.path.join(run_dir, "config.json"))))
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"{run_dir} is not a run directory of emaq_online.py ({e}); pass runs/<run name>")
 
 
 def cli(argv=None) -> Args:
@@ -121,11 +140,12 @@ def cli(argv=None) -> Args:
 
 
 # ----- Environment steps into a replay buffer on the training device -------------------------------------------------
-def make_envs(env_id: str, num: int, video: bool = False):
-    """A vector env, refusing what EMaQ cannot handle; with `video`, the first sub-environment renders its frames."""
+def make_envs(env_id: str, num: int, **render):
+    """A vector env, refusing what EMaQ cannot handle; with `render` (tools/evaluate_online_run.py --capture-video: a
+    render_mode and size), the first sub-environment renders its frames."""
     try:
         with warnings.catch_warnings(action="ignore"):
-            make = [lambda i=i: gym.make(env_id, **(VIDEO_RENDER if video and i == 0 else {})) for i in range(num)]
+            make = [lambda i=i: gym.make(env_id, **(render if i == 0 else {})) for i in range(num)]
             envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.vector.SyncVectorEnv(make))
         action_bounds(envs.single_action_space)  # a bounded Box, or a ValueError that says what it is
     except gym.error.Error as e:
@@ -150,7 +170,8 @@ def buffer_add(buf, **rows):
     idx = torch.arange(buf["ptr"], buf["ptr"] + n) % capacity
     for key, value in rows.items():
         buf[key][idx] = torch.as_tensor(np.asarray(value), dtype=buf[key].dtype).to(buf[key].device)
-    buf["ptr"], buf["size"] = (buf["ptr"] + n) % capacity, min(buf["size"] + n, capacity)
+    buf["ptr"] = (buf["ptr"] + n) % capacity
+    buf["size"] = min(buf["size"] + n, capacity)
 
 
 def buffer_sample(buf, batch_size) -> list[torch.Tensor]:
@@ -209,31 +230,39 @@ def ensemble(q_values: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 # ----- EMaQ: the target (eq. 11), one update (eq. 10), the test-time policy (Algorithm 1), exploration (eq. 67) -------
+def autocast(precision: str, device):
+    """bf16 autocast for the matmuls, or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
 def emaq_target(mu, q_target, rewards, next_obs, terminals, args, states_per_chunk: int | None = None) -> torch.Tensor:
     """y = r + gamma * (1 - t) * max_{i<=N} Ensemble(Q_target(s', a'_i)), a'_i ~ mu(.|s'), in chunks of next states."""
     samples = mu.sample(next_obs, args.num_samples)  # [B, N, A], all at once: mu sizes its own chunks
-    backups, chunk = [], states_per_chunk or len(next_obs)
+    chunk = states_per_chunk or len(next_obs)
+    backups = []
     for obs_chunk, samples_chunk in zip(next_obs.split(chunk), samples.split(chunk), strict=True):  # [b, N] values
         backups.append(ensemble(q_target(obs_chunk, samples_chunk), args.ensemble_lambda).max(-1).values)
     return rewards + args.gamma * (1 - terminals) * torch.cat(backups)
 
 
-def emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, args, states_per_chunk) -> dict:
-    """One update (eq. 10); metrics stay on the device. target_mu/target_q: mu/q_target or their bf16 read copies."""
+def emaq_update(batch, mu_read, q_target_read, q_ensemble, q_target, q_optimizer, args, states_per_chunk) -> dict:
+    """One update (eq. 10); metrics stay on the device. The target reads mu_read and q_target_read: mu and q_target (the
+    EMA network) themselves, or their bf16 read copies, refreshed here from q_target after its EMA step."""
     obs, actions, rewards, next_obs, terminals = batch
     with autocast(args.precision, obs.device):
-        target = emaq_target(target_mu, target_q, rewards, next_obs, terminals, args, states_per_chunk)  # eq. 11
+        target = emaq_target(mu_read, q_target_read, rewards, next_obs, terminals, args, states_per_chunk)  # eq. 11
         q = q_ensemble(obs, actions.unsqueeze(1)).squeeze(-1)  # [K, B]
     loss = ((q - target) ** 2).mean(1).sum()  # eq. 10: each member's mean squared error, summed (independent members)
     q_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     q_optimizer.step()
     with torch.no_grad():
-        for p_tgt, p, p_read in zip(q_target.parameters(), q_ensemble.parameters(), target_q.parameters(), strict=True):
-            p_tgt.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
-            if p_read is not p_tgt:
-                p_read.copy_(p_tgt)
+        parameters = zip(q_target.parameters(), q_ensemble.parameters(), q_target_read.parameters(), strict=True)
+        for p_target, p, p_read in parameters:
+            p_target.lerp_(p, 1 - args.ema)  # theta_target <- alpha theta_target + (1 - alpha) theta
+            if p_read is not p_target:
+                p_read.copy_(p_target)
     q = q.detach()  # the target came from no_grad
     metrics = dict(qf_loss=loss.detach() / args.num_qs, qf_values=q.mean(), q_ensemble_std=q.std(0).mean())
     return metrics | dict(target_values=target.mean())
@@ -256,24 +285,7 @@ def explore(mu, q_ensemble, obs, args: Args) -> torch.Tensor:
     return candidates[torch.arange(len(obs), device=obs.device), score.argmax(-1)]
 
 
-# ----- Evaluation (the same code as emaq_offline.py's; observations are not normalized online) -----------------------
-def evaluate(policy, envs, obs_space, normalize, seed: int, device, frames: list | None = None) -> np.ndarray:
-    """Return of every sub-environment's first episode (the policy's own generator: training's streams never move)."""
-    (obs, _), generator = envs.reset(seed=seed), torch.Generator(device).manual_seed(seed)
-    returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
-    if frames is not None:  # the first sub-environment's episode, rendered
-        frames.append(envs.unwrapped.envs[0].render())
-    while not done.all():
-        obs_t = normalize(torch.as_tensor(flatten_obs(obs_space, obs), device=device))
-        actions = policy(obs_t, generator).cpu().numpy()
-        obs, rewards, terminated, truncated, _ = envs.step(actions)
-        if frames is not None and not done[0]:
-            frames.append(envs.unwrapped.envs[0].render())
-        returns += rewards * ~done
-        done |= terminated | truncated
-    return returns
-
-
+# ----- Evaluation (the same code as emaq_offline.py's; observations are not normalized online) ------------------------
 def flatten_obs(space: gym.Space, obs) -> np.ndarray:
     """[T, ...] observations -> [T, obs_dim] float32; Dict spaces concatenated in the space's key order."""
     if isinstance(space, gym.spaces.Dict):
@@ -284,6 +296,20 @@ def flatten_obs(space: gym.Space, obs) -> np.ndarray:
     fail(f"unsupported observation space {space}: use Box or (nested) Dict of Box observations")
 
 
+def evaluate(policy, envs, obs_space, normalize, seed: int, device) -> np.ndarray:
+    """Return of every sub-environment's first episode (the policy's own generator: training's streams never move)."""
+    obs, _ = envs.reset(seed=seed)
+    generator = torch.Generator(device).manual_seed(seed)
+    returns, done = np.zeros(envs.num_envs), np.zeros(envs.num_envs, dtype=bool)
+    while not done.all():
+        obs_t = normalize(torch.as_tensor(flatten_obs(obs_space, obs), device=device))
+        actions = policy(obs_t, generator).cpu().numpy()
+        obs, rewards, terminated, truncated, _ = envs.step(actions)
+        returns += rewards * ~done
+        done |= terminated | truncated
+    return returns
+
+
 def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     ckpt = load_checkpoint(args) if args.resume else None
@@ -292,8 +318,7 @@ def main(args: Args):
 
     # Environments, and the replay buffer on the training device
     envs = make_envs(args.env_id, args.num_envs)
-    video = args.capture_video and renders_offscreen(args.env_id)
-    eval_envs = make_envs(args.env_id, args.eval_episodes, video)  # video: the first episode of every evaluation
+    eval_envs = make_envs(args.env_id, args.eval_episodes)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = action_bounds(envs.single_action_space)
     buf = make_buffer(args.buffer_size, obs_dim, act_dim, device)
@@ -305,7 +330,7 @@ def main(args: Args):
         mu = BehaviorModel.from_preset(args.behavior_preset, obs_dim, low, high).to(device)
     mu_optimizer = torch.optim.Adam(mu.parameters(), lr=args.behavior_lr, fused=True)
     q_ensemble = QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
-    q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
+    q_target = copy.deepcopy(q_ensemble).requires_grad_(False)  # the EMA network of eq. 11
     q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
     models = dict(mu=mu, mu_optimizer=mu_optimizer, q_ensemble=q_ensemble, q_target=q_target, q_optimizer=q_optimizer)
     # where the loop stands (checkpointed): env steps, updates, this cycle's steps and updates, steps + updates, evals
@@ -324,10 +349,11 @@ def main(args: Args):
         signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))
 
     # One update: a maximum-likelihood step of mu, then eq. 10 for the Q ensemble, on two replay batches
-    target_mu, target_q = mu, q_target  # in bf16, the target reads bf16 copies (refreshed after every step)
+    # The target reads mu and the EMA network q_target, or in bf16 their read copies (refreshed after every step)
+    mu_read, q_target_read = mu, q_target
     if args.precision == "bf16":
-        target_mu, target_q = bf16_copy(mu, MU_OUTPUT), bf16_copy(q_target, Q_OUTPUT)
-    states_per_chunk = target_states_per_chunk(args, mu, device)
+        mu_read, q_target_read = bf16_copy(mu, MU_OUTPUT), bf16_copy(q_target, Q_OUTPUT)
+    target_chunk = target_states_per_chunk(args, mu, device)  # next states per chunk of the target
 
     def update(mu_batch, q_batch):
         with autocast(args.precision, device):
@@ -335,11 +361,11 @@ def main(args: Args):
         mu_optimizer.zero_grad(set_to_none=True)
         nll.backward()
         mu_optimizer.step()
-        if target_mu is not mu:
+        if mu_read is not mu:
             with torch.no_grad():
-                for p_read, p in zip(target_mu.parameters(), mu.parameters(), strict=True):
+                for p_read, p in zip(mu_read.parameters(), mu.parameters(), strict=True):
                     p_read.copy_(p)
-        metrics = emaq_update(q_batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, args, states_per_chunk)
+        metrics = emaq_update(q_batch, mu_read, q_target_read, q_ensemble, q_target, q_optimizer, args, target_chunk)
         return {"behavior_nll": nll.detach(), **metrics}
 
     update = compile_update(update, args)  # torch.compile (+ CUDA graphs) where it pays; eager otherwise
@@ -356,7 +382,8 @@ def main(args: Args):
             fail(f"stopped by signal {STOP['signal']}, checkpoint written; resume: {resume}", code=130)
 
     progress = tqdm(total=args.total_timesteps, initial=at.global_step, desc="env steps", mininterval=1.0)
-    t0, step0 = time.time(), at.global_step  # charts/SPS: env steps per second of this process
+    t0 = time.time()  # charts/SPS: env steps per second of this process
+    step0 = at.global_step
     while at.global_step < args.total_timesteps or at.cycle_steps > 0:
         # Collect M environment steps with the current policy, frozen while it collects
         while at.cycle_steps < args.trajectory_batch_size and at.global_step < args.total_timesteps:
@@ -368,14 +395,13 @@ def main(args: Args):
             for i in np.nonzero(ended & infos.get("_episode", ended))[0]:
                 writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], at.global_step)
             n = int(real.sum())  # transitions stored (none from a sub-env that was reset)
-            at.global_step, at.cycle_steps, at.work = at.global_step + n, at.cycle_steps + n, at.work + 1
+            at.global_step += n
+            at.cycle_steps += n
+            at.work += 1
             progress.update(n)
             if at.global_step >= (len(at.history) + 1) * args.eval_every:
-                frames = [] if video else None
                 space = envs.single_observation_space
-                returns = evaluate(policy, eval_envs, space, lambda o: o, args.eval_seed, device, frames)
-                if frames:
-                    write_video(f"{run_dir}/videos/step_{at.global_step:07d}.mp4", frames, eval_envs.metadata)
+                returns = evaluate(policy, eval_envs, space, lambda o: o, args.eval_seed, device)
                 at.history.append([at.global_step, float(returns.mean())])
                 writer.add_scalar("eval/episodic_return", returns.mean(), at.global_step)
                 progress.set_postfix(ret=f"{returns.mean():.0f}")
@@ -385,7 +411,9 @@ def main(args: Args):
         learning = at.global_step >= args.learning_starts and buf["size"] >= args.batch_size
         while learning and at.cycle_updates < at.cycle_steps:
             metrics = update(buffer_sample(buf, args.batch_size), buffer_sample(buf, args.batch_size))
-            at.num_updates, at.cycle_updates, at.work = at.num_updates + 1, at.cycle_updates + 1, at.work + 1
+            at.num_updates += 1
+            at.cycle_updates += 1
+            at.work += 1
             finite = torch.stack([torch.isfinite(metrics[k]) for k in ("qf_loss", "qf_values", "behavior_nll")]).all()
             nonfinite_at = torch.where((nonfinite_at < 0) & ~finite, at.num_updates, nonfinite_at)
             if at.num_updates % args.log_every == 0:
@@ -394,7 +422,8 @@ def main(args: Args):
                     writer.add_scalar(f"losses/{key}", value.item(), at.global_step)
                 writer.add_scalar("charts/SPS", (at.global_step - step0) / (time.time() - t0), at.global_step)
             checkpoint()
-        at.cycle_steps, at.cycle_updates = 0, 0
+        at.cycle_steps = 0
+        at.cycle_updates = 0
     progress.close()
 
     checkpoint(end=True)  # the last checkpoint holds the models and the replay buffer (tools/export_replay.py reads it)
@@ -406,39 +435,7 @@ def main(args: Args):
     return {"history": at.history, "num_updates": at.num_updates}
 
 
-# ----- Helpers of main: checks, logging, speed, the run directory, checkpoints and resume, videos --------------------
-STOP = {"signal": None}  # set by SIGINT/SIGTERM; the training loop checkpoints and exits at the next step or update
-VIDEO_RENDER = dict(render_mode="rgb_array", width=320, height=240)  # --capture-video; mp4 wants multiples of 16
-
-
-def check_args(args: Args, device) -> Args:
-    """Resolve the 'auto' speed flags, refuse impossible values."""
-    resolve_speed_flags(args, device)
-    sizes = ("trajectory_batch_size", "num_samples", "num_qs", "num_envs", "buffer_size", "batch_size", "q_hidden")
-    for name in (*sizes, "q_layers", "eval_every", "eval_episodes", "log_every", "checkpoint_every"):  # all >= 1
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not (0 <= args.ensemble_lambda <= 1 and 0 <= args.test_ensemble_lambda <= 1 and args.temperature > 0):
-        fail("--ensemble-lambda and --test-ensemble-lambda must lie in [0, 1], and --temperature must be > 0")
-    if args.cudagraphs == "on" and (device.type != "cuda" or args.compile == "off"):
-        fail("--cudagraphs on replays the compiled update on a CUDA GPU: it needs --compile on and a GPU")
-    return args
-
-
-def log(message: str):
-    """Progress notes go to stderr beside the progress bars; stdout carries only the final summary line."""
-    tqdm.write(message, file=sys.stderr)
-
-
-def fail(message: str, code: int = 2):
-    """End the run with one clear line, the last on the screen: an error (code 2; no traceback), or a stop (130)."""
-    for bar in list(getattr(tqdm, "_instances", [])):
-        bar.close()
-    log(f"error: {message}" if code == 2 else message)
-    sys.exit(code)
-
-
-# ----- speed: bf16 read copies, target chunks, torch.compile and CUDA graphs (as in emaq_offline.py) -------
+# ----- Helpers of main: the flags; speed; the run directory, checkpoints and resume -----------------------------------
 def resolve_speed_flags(args, device):
     """'auto': bf16 where native (CUDA, AVX512-BF16, AMX); compile and CUDA graphs on a GPU only (no gain on a CPU)."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private to torch.cpu: absent means no
@@ -450,22 +447,42 @@ def resolve_speed_flags(args, device):
         args.cudagraphs = "on" if device.type == "cuda" and args.compile == "on" else "off"
 
 
-def autocast(precision: str, device):
-    """bf16 autocast for the matmuls, or nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def check_shared_args(args, device):
+    """Refuse impossible values of the flags both scripts share, the first with one `error:` line (NaN is refused too).
+    A verbatim copy in both scripts: tests/test_shared_code.py keeps them identical, tests/test_flags.py runs both."""
+    letters = {"num_samples": " (N)", "num_qs": " (K)"}  # the paper's names
+    at_least_one = ["num_samples", "num_qs", "q_hidden", "q_layers", "batch_size", "eval_episodes", "eval_every"]
+    rules = {name: ("be >= 1", lambda v: v >= 1) for name in [*at_least_one, "log_every", "checkpoint_every"]}
+    rules |= {name: ("be > 0", lambda v: v > 0) for name in ["q_lr", "behavior_lr"]}  # name: (the rule, its test)
+    rules["gamma"] = ("lie in [0, 1]", lambda v: 0 <= v <= 1)
+    rules["ema"] = ("lie in [0, 1) (at 1 the target never moves)", lambda v: 0 <= v < 1)
+    rules["target_memory_gb"] = ("be > 0 (or unset: half the free memory)", lambda v: v is None or v > 0)
+    for name, (rule, holds) in rules.items():
+        if not holds(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')}{letters.get(name, '')} must {rule}, got {getattr(args, name)}")
+    lambdas = (args.ensemble_lambda, args.test_ensemble_lambda)
+    if not (0 <= lambdas[0] <= 1 and 0 <= lambdas[1] <= 1):
+        fail(f"--ensemble-lambda and --test-ensemble-lambda must lie in [0, 1], got {lambdas[0]} and {lambdas[1]}")
+    if args.cudagraphs == "on" and (args.compile == "off" or device.type != "cuda"):
+        fail("--cudagraphs on replays the compiled update on a CUDA GPU: it needs --compile on and a GPU")
 
 
-MU_OUTPUT, Q_OUTPUT = ("head_out_w", "head_out_b", "decoder_out"), ("w_out", "b_out")  # fp32 in the bf16 copies
+def check_args(args: Args, device) -> Args:
+    """Resolve the 'auto' speed flags; refuse impossible values: the flags both scripts share, then this script's."""
+    resolve_speed_flags(args, device)
+    check_shared_args(args, device)
+    for name in ("trajectory_batch_size", "num_envs", "buffer_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.temperature > 0:
+        fail(f"--temperature must be > 0, got {args.temperature}")
+    return args
+
+
+# ----- speed: bf16 read copies, target chunks, torch.compile and CUDA graphs (as in emaq_offline.py) ------------------
+Q_OUTPUT = ("w_out", "b_out")  # the Q ensemble's output layer: fp32 in the bf16 read copy (mu's: MU_OUTPUT)
+
 CPU_TARGET_ROWS = 640  # (s', a') rows per target chunk on a CPU: a few MB stay in the caches (30-60 MB page-fault)
-
-
-def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
-    """A frozen bf16 copy, but for the fp32 output layers `keep_fp32`: the target reads it (autocast would recast)."""
-    module = copy.deepcopy(module).requires_grad_(False)
-    for name, p in module.named_parameters():
-        if name.split(".")[0] not in keep_fp32:
-            p.data = p.data.to(torch.bfloat16)
-    return module
 
 
 def target_states_per_chunk(args, mu, device) -> int:
@@ -474,10 +491,8 @@ def target_states_per_chunk(args, mu, device) -> int:
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")  # a CPU: chunks of a few MB
     budget = args.target_memory_gb * 2**30 if args.target_memory_gb else free / 2
     if per_state > budget:
-        needs, budget_gb = f"{per_state / 2**30:.2f} GiB per state for N={args.num_samples}", budget / 2**30
-        fail(
-            f"the EMaQ target needs {needs}, more than the {budget_gb:.2f} GiB budget: lower --num-samples or --num-qs"
-        )
+        needs = f"{per_state / 2**30:.2f} GiB per state (N={args.num_samples})"
+        fail(f"the EMaQ target needs {needs} (budget {budget / 2**30:.2f} GiB): lower --num-samples or --num-qs")
     states = int(min(args.batch_size, budget // per_state))
     return states if device.type != "cpu" else max(1, min(states, CPU_TARGET_ROWS // args.num_samples))
 
@@ -504,7 +519,21 @@ def compile_update(update, args):
     return compiled_update
 
 
-# ----- run directory, checkpoints and resume; videos ------------------------------------------------------
+# ----- run directory, checkpoints and resume --------------------------------------------------------------------------
+def atomic_save(obj, path: str):
+    """Write a temporary file beside `path`, then rename it: a crash or a full disk never leaves a torn file."""
+    try:
+        if path.endswith(".json"):
+            with open(f"{path}.tmp", "w") as f:
+                json.dump(obj, f, indent=2)
+        else:
+            torch.save(obj, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    finally:
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+
+
 def open_run_dir(args: Args, ckpt):
     """runs_dir/<env>__<exp_name>__<seed>__<time>, or the resumed run's; config.json and the TensorBoard writer."""
     run_dir = args.resume or f"{args.runs_dir}/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -520,18 +549,20 @@ def open_run_dir(args: Args, ckpt):
     return run_dir, writer
 
 
-def atomic_save(obj, path: str):
-    """Write a temporary file beside `path`, then rename it: a crash or a full disk never leaves a torn file."""
+def last_checkpoint(run_dir) -> str:
     try:
-        if path.endswith(".json"):
-            with open(f"{path}.tmp", "w") as f:
-                json.dump(obj, f, indent=2)
-        else:
-            torch.save(obj, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
-    finally:
-        if os.path.exists(f"{path}.tmp"):
-            os.remove(f"{path}.tmp")
+        meta = json.load(open(os.path.join(run_dir, "checkpoint.json")))
+        return f"the checkpoint {run_dir}/checkpoint.pt (env step {meta['global_step']}, update {meta['num_updates']})"
+    except (OSError, ValueError, KeyError):
+        return "no earlier checkpoint"
+
+
+def stop_if_nonfinite(nonfinite_at: torch.Tensor, run_dir):
+    """Fail, naming the first update whose loss or Q values were NaN/Inf (a host sync: call at log intervals)."""
+    bad = int(nonfinite_at)
+    if bad >= 0:
+        good = last_checkpoint(run_dir)
+        fail(f"the losses became NaN/Inf at update {bad}; resume from {good} with a lower --q-lr (or --behavior-lr)")
 
 
 def save_checkpoint(run_dir, counters: dict, models: dict, buf: dict, nonfinite_at):
@@ -547,32 +578,10 @@ def save_checkpoint(run_dir, counters: dict, models: dict, buf: dict, nonfinite_
         fail(f"could not write a checkpoint into {run_dir} ({e.strerror}); {last_checkpoint(run_dir)} is intact")
 
 
-def last_checkpoint(run_dir) -> str:
-    try:
-        meta = json.load(open(os.path.join(run_dir, "checkpoint.json")))
-        return f"the checkpoint {run_dir}/checkpoint.pt (env step {meta['global_step']}, update {meta['num_updates']})"
-    except (OSError, ValueError, KeyError):
-        return "no earlier checkpoint"
-
-
-def stop_if_nonfinite(nonfinite_at: torch.Tensor, run_dir):
-    """Fail, naming the first update whose loss or Q values were NaN/Inf (a host sync: call at log intervals)."""
-    if (bad := int(nonfinite_at)) >= 0:
-        good = last_checkpoint(run_dir)
-        fail(f"the losses became NaN/Inf at update {bad}; resume from {good} with a lower --q-lr (or --behavior-lr)")
-
-
-def read_config(run_dir: str) -> Args:
-    try:
-        return Args(**json.load(open(os.path.join(run_dir, "config.json"))))
-    except (OSError, ValueError, TypeError) as e:
-        fail(f"{run_dir} is not a run directory of emaq_online.py ({e}); pass runs/<run name>")
-
-
 def load_checkpoint(args: Args) -> dict:
     """--resume: refuse flags that change what is computed (speed flags may change; more --total-timesteps extend)."""
-    saved, free = read_config(args.resume), ("resume", "cuda", "compile", "cudagraphs", "target_memory_gb")
-    free += ("total_timesteps",)  # a larger one extends the run
+    saved = read_config(args.resume)
+    free = ("resume", "cuda", "compile", "cudagraphs", "target_memory_gb", "total_timesteps")  # a larger one extends
     changed = [k for k, v in dataclasses.asdict(args).items() if k not in free and v != getattr(saved, k)]
     conflicts = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {getattr(saved, k)})" for k in changed]
     if conflicts:
@@ -580,7 +589,8 @@ def load_checkpoint(args: Args) -> dict:
     path = os.path.join(args.resume, "checkpoint.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        steps, done = ckpt["counters"]["global_step"], ckpt["counters"]["done"]
+        steps = ckpt["counters"]["global_step"]
+        done = ckpt["counters"]["done"]
     except FileNotFoundError:
         fail(f"{args.resume} has no checkpoint.pt yet (one comes every --checkpoint-every steps): start a new run")
     except Exception as e:
@@ -597,7 +607,8 @@ def restore_checkpoint(ckpt: dict, models: dict, buf: dict, num_envs: int) -> di
     for key, value in ckpt["buffer"].items():  # row for row, as it was
         if torch.is_tensor(value):
             buf[key][: len(value)] = value.to(buf[key].device)
-    buf["size"], buf["ptr"] = ckpt["buffer"]["size"], ckpt["buffer"]["ptr"]
+    buf["size"] = ckpt["buffer"]["size"]
+    buf["ptr"] = ckpt["buffer"]["ptr"]
     order = replay_order(buf)
     for i in range(num_envs):  # the run goes on in fresh environments: each running episode ends here, truncated
         newest = order[buf["env"][order] == i][-1:]
@@ -608,35 +619,7 @@ def restore_checkpoint(ckpt: dict, models: dict, buf: dict, num_envs: int) -> di
     return ckpt["counters"]
 
 
-def renders_offscreen(env_id: str) -> bool:
-    """Whether env_id renders here, else a note why. Without a display, MuJoCo uses EGL unless MUJOCO_GL is set."""
-    if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-        os.environ["MUJOCO_GL"] = "egl"
-    hook, sys.unraisablehook = sys.unraisablehook, lambda *_: None  # a half-built renderer complains when freed
-    try:
-        import imageio_ffmpeg  # noqa: F401  (the mp4 writer)
-
-        with gym.make(env_id, **VIDEO_RENDER) as env:
-            env.reset(seed=0)
-            why = None if env.render() is not None else "render() returned no frame"
-    except Exception as e:
-        why = f"{type(e).__name__}: {(str(e).splitlines() or ['no message'])[0][:120]}"
-    finally:
-        gc.collect()
-        sys.unraisablehook = hook
-    if why:
-        needs = "MUJOCO_GL=egl needs libEGL (a GPU's driver or Mesa), MUJOCO_GL=osmesa needs libOSMesa"
-        log(f"note: --capture-video: no videos, the environment cannot render here ({why}); {needs}")
-    return not why
-
-
-def write_video(path: str, frames: list, metadata: dict):
-    """An mp4 at the environment's frame rate, written beside `path` and renamed into place."""
-    import imageio.v2 as imageio
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    imageio.mimwrite(f"{path}.tmp.mp4", frames, fps=metadata.get("render_fps", 30), macro_block_size=16)
-    os.replace(f"{path}.tmp.mp4", path)
+STOP = {"signal": None}  # set by SIGINT/SIGTERM; the training loop checkpoints and exits at the next step or update
 
 
 if __name__ == "__main__":

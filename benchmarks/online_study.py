@@ -210,6 +210,8 @@ def plot(env_id: str, runs: dict, out: str, args: Tables):
         (axes[1], "training_return", "training episodes"),
     ):
         for algo, color, label in (("sac", "tab:blue", "SAC (CleanRL)"), ("emaq", "tab:red", "EMaQ")):
+            if not runs[algo]:
+                continue
             window = args.window if column == "training_return" else 1  # an evaluation is logged at its step
             values = np.array([[window_mean(r[column], s, window) for s in grid] for r in runs[algo]])
             with warnings.catch_warnings(action="ignore"):  # steps that no seed has reached are nan, and left out

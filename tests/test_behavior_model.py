@@ -382,3 +382,80 @@ def test_vae_log_prob_is_a_fixed_elbo_in_the_actions_units():
     torch.testing.assert_close(wide.log_prob(obs, 2 * actions), model.log_prob(obs, actions) - 2 * math.log(2))
     nll, kl = model._elbo_terms(obs, actions, torch.Generator().manual_seed(0))
     assert (kl >= 0).all() and model.log_prob(obs, actions, num_z=1).allclose(-(nll + kl))
+
+
+# ----- the multi-dimensional density and the autoregressive sampler --------------------------------
+@pytest.mark.parametrize("prefix_dim", [0, 8])
+def test_density_of_a_3d_action_integrates_to_one_and_is_the_product_of_its_conditionals(prefix_dim):
+    """mu(a|s) = prod_i p(l_i | s, a[:i]) / width_i over 3 dimensions (asymmetric bounds, 5 bins each, later heads
+    strongly dependent on the prefix). (1) Summed over the 125 bin combinations at the bins' centers times the cell's
+    volume it is 1: exact for this density, since each conditional sums to 1 at any prefix. (2) At random actions it
+    equals the product of the conditionals computed here, dimension by dimension, each from the logits of an action
+    whose coordinates from i on were replaced (head i may only see a[:i])."""
+    torch.manual_seed(0)
+    bins = 5
+    sizes = dict(state_hidden=16, state_layers=1, embed_dim=16, head_hidden=16, head_layers=2, num_bins=bins)
+    model = BehaviorModel(2, LOW, HIGH, prefix_dim=prefix_dim, **sizes).requires_grad_(False)
+    model.head_prefix.mul_(10.0)  # the later dimensions' bins depend strongly on the earlier coordinates
+    low, high = torch.tensor(LOW), torch.tensor(HIGH)
+    width = (high - low) / bins
+    centers = [low[i] + (torch.arange(bins) + 0.5) * width[i] for i in range(3)]
+    grid = torch.cartesian_prod(*centers)  # [125, 3]
+    obs = torch.tensor([[0.3, -0.2]])
+    density = model.log_prob(obs.expand(len(grid), 2), grid).exp()
+    assert abs((density * width.prod()).sum().item() - 1.0) < 1e-5
+
+    obs, actions = torch.randn(16, 2), low + torch.rand(16, 3) * (high - low)
+    expected = torch.zeros(16)
+    for i in range(3):
+        hidden_rest = actions.clone()
+        hidden_rest[:, i:] = low[i:] + torch.rand(16, 3 - i) * (high[i:] - low[i:])  # a[i:] replaced
+        probs = torch.softmax(model.logits(obs, hidden_rest)[:, i], -1)  # p(. | s, a[:i])
+        for b in range(16):
+            label = min(int((actions[b, i] - low[i]) / width[i]), bins - 1)
+            expected[b] += math.log(probs[b, label]) - math.log(width[i])
+    torch.testing.assert_close(model.log_prob(obs, actions), expected, rtol=0, atol=1e-5)
+
+
+def copy_chain(prefix_dim: int, bins: int = 8, sharpness: float = 200.0) -> BehaviorModel:
+    """A hand-set mu over 3 dimensions: dimension 0's bin is drawn from fixed odds, and each later dimension's logits
+    are -sharpness x |a_{i-1} - c_k| (the previous coordinate against bin k's center, in the heads' [-1, 1] units):
+    its bin is the previous coordinate's bin or, near a bin edge, the neighbour; any other bin has odds below e^-49.
+    Built from the heads' own layers: hidden units relu(a_{i-1} - c_k) and relu(c_k - a_{i-1})."""
+    hid, d = 2 * bins, 3
+    sizes = dict(state_hidden=8, state_layers=1, embed_dim=8, head_hidden=hid, head_layers=1, num_bins=bins)
+    model = BehaviorModel(2, LOW, HIGH, prefix_dim=prefix_dim, **sizes).requires_grad_(False)
+    centers = -1 + (torch.arange(bins) + 0.5) * 2 / bins
+    for p in model.parameters():
+        p.zero_()
+    model.head_out_b[0, 0] = torch.tensor([0.5, -0.3, 0.9, 0.0, 0.2, -0.6, 0.7, 0.4])[:bins]
+    offsets = model.head_state.bias.view(d, hid)  # the heads' state part: the bias alone (its weight is 0)
+    if prefix_dim:  # Lin_i(a[:i]) = a[:i], padded with zeros
+        model.lin_weight[:, :, :d] = torch.eye(d)
+    for i in range(1, d):
+        offsets[i, :bins], offsets[i, bins:] = -centers, centers
+        model.head_prefix[i, i - 1, :bins], model.head_prefix[i, i - 1, bins:] = 1.0, -1.0
+        model.head_out_w[i, torch.arange(bins), torch.arange(bins)] = -sharpness
+        model.head_out_w[i, bins + torch.arange(bins), torch.arange(bins)] = -sharpness
+    return model
+
+
+@pytest.mark.parametrize("prefix_dim", [0, 4])
+def test_each_sampled_dimension_follows_the_conditional_of_the_prefix_actually_sampled(prefix_dim):
+    """With the copy chain above, every sampled bin must be likely (odds above 1e-9) under the teacher-forced
+    conditional given the coordinates sampled before it: a sampler that fed its heads a zero or stale prefix picks the
+    bins next to the prefix it saw, to which the actual prefix, wherever it is two bins or more away, gives odds below
+    e^-49. Dimension 0 spreads over the
+    bins, and the copies follow it."""
+    model = copy_chain(prefix_dim)
+    obs = torch.randn(64, 2)
+    samples = model.sample(obs, 16, generator=torch.Generator().manual_seed(0)).reshape(-1, 3)
+    labels = model.labels(samples)
+    log_p = torch.log_softmax(model.logits(obs.repeat_interleave(16, 0), samples), -1)
+    sampled_log_p = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [B*N, 3]
+    worst = sampled_log_p.min(0).values
+    assert (worst > math.log(1e-9)).all(), f"bins sampled with odds {worst.exp().tolist()} given their prefix"
+    assert len(labels[:, 0].unique()) == model.num_bins
+    for i in (1, 2):  # the previous coordinate's bin, or its neighbour near an edge
+        assert ((labels[:, i] - labels[:, i - 1]).abs() <= 1).all()
+        assert (labels[:, i] == labels[:, i - 1]).float().mean() > 0.5

@@ -1,5 +1,6 @@
-"""The shape of a minimal reference: sizes a reader finishes in one sitting, the algorithm early in the file, `main`
-calling nothing far below it but small helpers, tools that import the scripts and never the reverse."""
+"""The shape of a minimal reference: sizes a reader finishes in one sitting, the algorithm early in the file, every
+function defined above what calls it (main may call small helpers just below it), tools that import the scripts and
+never the reverse, but for the random-dataset generator that the offline script imports lazily."""
 
 import ast
 import os
@@ -21,6 +22,11 @@ def top_level_functions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
     return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef | ast.ClassDef)}
 
 
+def called_names(node: ast.AST) -> set[str]:
+    """The plain names that `node` calls (f(...), not obj.f(...)), nested functions and lambdas included."""
+    return {call.func.id for call in ast.walk(node) if isinstance(call, ast.Call) and isinstance(call.func, ast.Name)}
+
+
 @pytest.mark.parametrize("name", list(MAX_LINES))
 def test_files_stay_within_their_size(name):
     lines = len(read(name).splitlines())  # every line, blank lines too
@@ -32,16 +38,30 @@ def test_a_reader_meets_eq_11_early():
     assert top_level_functions(tree)["emaq_target"].lineno <= 250
 
 
+@pytest.mark.parametrize("name", [*SCRIPTS, "behavior_model.py"])
+def test_what_a_function_calls_is_defined_above_it(name):
+    """Read top to bottom, nothing is used before it is defined: the algorithm's autocast, fail and log come first.
+    main is the one exception (next test)."""
+    functions = top_level_functions(ast.parse(read(name)))
+    used_before = {}
+    for caller, node in functions.items():
+        later = sorted(callee for callee in called_names(node) if functions.get(callee, node).lineno > node.lineno)
+        if later and caller != "main":
+            used_before[caller] = later
+    assert not used_before, f"{name}: these functions call what is defined below them: {used_before}"
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_main_calls_only_small_helpers_below_it(script):
+def test_main_calls_only_what_is_above_it_or_small_helpers_below_it(script):
     functions = top_level_functions(ast.parse(read(script)))
     main = functions["main"]
-    called = {node.func.id for node in ast.walk(main) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
-    below = {name: functions[name] for name in called if name in functions and functions[name].lineno > main.lineno}
-    large = {
-        name: f.end_lineno - f.lineno + 1 for name, f in below.items() if f.end_lineno - f.lineno + 1 > SMALL_HELPER
-    }
-    assert below and not large, f"main calls large functions defined below it: {large}"
+    called = called_names(main) & set(functions)
+    below = {name: functions[name] for name in called if functions[name].lineno > main.lineno}
+    size = {name: f.end_lineno - f.lineno + 1 for name, f in below.items()}
+    assert {name for name in called if functions[name].lineno < main.lineno} >= {"emaq_update", "evaluate"}
+    assert not {name: lines for name, lines in size.items() if lines > SMALL_HELPER}, (
+        f"large helpers below main: {size}"
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -56,33 +76,42 @@ def test_every_args_field_has_a_one_line_docstring(script):
         assert "\n" not in doc.value.value and doc.value.value.strip(), f"{field}'s docstring is not one line"
 
 
-def imported_modules(tree: ast.AST) -> list[tuple[str, ast.AST]]:
-    found = []
+def imported_modules(tree: ast.AST) -> set[str]:
+    found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [(alias.name, node) for alias in node.names]
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            found.append((node.module, node))
+            found.add(node.module)
     return found
 
 
 @pytest.mark.parametrize("name", [*SCRIPTS, "behavior_model.py"])
 def test_the_scripts_never_import_tools_except_the_lazy_dataset_generator(name):
+    """The offline script imports tools/make_random_dataset.py's generator inside load_dataset, on the first use of a
+    generated id; that tool imports the script only inside its own main, so no import cycle exists."""
     tree = ast.parse(read(name))
-    lazy = set()
-    for function in ast.walk(tree):
-        if isinstance(function, ast.FunctionDef) and function.name == "load_dataset":
-            lazy |= {id(node) for _, node in imported_modules(function)}
-    for module, node in imported_modules(tree):
-        if module.split(".")[0] in ("tools", "benchmarks"):
-            assert id(node) in lazy and module == "tools.make_random_dataset", f"{name} imports {module}"
+    load_dataset = top_level_functions(tree).get("load_dataset")
+    modules = set().union(*(imported_modules(node) for node in tree.body if node is not load_dataset))
+    lazy = imported_modules(load_dataset) if load_dataset else set()
+    assert not {m for m in modules if m.split(".")[0] in ("tools", "benchmarks")}, f"{name} imports {modules}"
+    assert {m for m in lazy if m.split(".")[0] in ("tools", "benchmarks")} <= {"tools.make_random_dataset"}
     if name == "behavior_model.py":
-        assert not {m for m, _ in imported_modules(tree)} & {"emaq_offline", "emaq_online"}
+        assert not modules & {"emaq_offline", "emaq_online"}
+    if name == "emaq_offline.py":
+        assert not (modules | lazy) & {"emaq_online"}
+
+
+def test_the_dataset_generator_imports_the_offline_script_only_inside_its_main():
+    tree = ast.parse(read(os.path.join("tools", "make_random_dataset.py")))
+    functions = top_level_functions(tree)
+    at_module_level = set().union(*(imported_modules(node) for node in tree.body if node is not functions["main"]))
+    assert "emaq_offline" not in at_module_level and "emaq_offline" in imported_modules(functions["main"])
 
 
 def test_tools_import_the_scripts():
     tools = sorted(f for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py") and f != "__init__.py")
     assert tools
     for name in tools:
-        modules = {m for m, _ in imported_modules(ast.parse(read(os.path.join("tools", name))))}
+        modules = imported_modules(ast.parse(read(os.path.join("tools", name))))
         assert modules & {"emaq_offline", "emaq_online"}, f"tools/{name} does not build on the scripts"

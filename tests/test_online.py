@@ -1,11 +1,10 @@
-"""emaq_online.py: the exploration rule, autoreset-safe transitions, a smoke run with videos, M > 1, bad input, NaN,
-the speed path, checkpoints and resume (in fresh environments), and flags on --resume."""
+"""emaq_online.py: the exploration rule, autoreset-safe transitions, a smoke run with videos (by the tool), M > 1, bad
+input, NaN, the speed path, checkpoints and resume (in fresh environments), and flags on --resume."""
 
 import dataclasses
 import glob
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -110,8 +109,8 @@ def test_transitions_never_join_two_episodes_across_autoreset():
         )
 
 
-def test_smoke_run_on_a_real_mujoco_env_with_videos(tmp_path):
-    result = run_script("emaq_online.py", *ONLINE_TINY, "--runs-dir", str(tmp_path), "--capture-video")
+def test_smoke_run_on_a_real_mujoco_env_then_videos_of_the_saved_run(tmp_path):
+    result = run_script("emaq_online.py", *ONLINE_TINY, "--runs-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run(tmp_path)
     tags = tensorboard_tags(run_dir)
@@ -121,8 +120,11 @@ def test_smoke_run_on_a_real_mujoco_env_with_videos(tmp_path):
     assert "400 env steps, 251 updates" in result.stdout  # updates start at --learning-starts, one per env step
     final = checkpoint(run_dir)  # the last checkpoint is the saved model
     assert final["counters"]["done"] and final["counters"]["num_updates"] == 251
-    # --capture-video: the first episode of every evaluation as an mp4, nothing in TensorBoard
-    assert sorted(os.listdir(os.path.join(run_dir, "videos"))) == ["step_0000200.mp4", "step_0000400.mp4"]
+    # tools/evaluate_online_run.py --capture-video: the first episode of each N's evaluation as an mp4
+    assert not os.path.exists(os.path.join(run_dir, "videos"))  # training records none
+    tool = run_script("tools/evaluate_online_run.py", run_dir, "--ns", "1", "4", "--episodes", "2", "--capture-video")
+    assert tool.returncode == 0, tool.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(run_dir, "videos"))) == ["eval_N1.mp4", "eval_N4.mp4"]
     for name in os.listdir(os.path.join(run_dir, "videos")):
         reader = imageio.get_reader(os.path.join(run_dir, "videos", name))
         meta, frames = reader.get_meta_data(), [frame for frame in reader]
@@ -131,15 +133,16 @@ def test_smoke_run_on_a_real_mujoco_env_with_videos(tmp_path):
 
 
 def test_capture_video_without_a_renderer_says_so_in_one_line_and_goes_on(tmp_path):
+    """tools/evaluate_online_run.py --capture-video where MuJoCo cannot render: one note, the returns, no videos."""
+    result = run_script("emaq_online.py", *ONLINE_TINY, "--total-timesteps", "200", "--runs-dir", str(tmp_path))
+    assert result.returncode == 0 and "200 env steps, 51 updates" in result.stdout, result.stderr[-3000:]
     no_egl = {"MUJOCO_GL": "egl", "__EGL_VENDOR_LIBRARY_FILENAMES": "/no/such/egl_vendor.json"}
-    flags = ("--total-timesteps", "200", "--capture-video", "--runs-dir", str(tmp_path))
-    result = run_script("emaq_online.py", *ONLINE_TINY, *flags, env=no_egl)
+    flags = ("--ns", "2", "--episodes", "2", "--capture-video")
+    result = run_script("tools/evaluate_online_run.py", only_run(tmp_path), *flags, env=no_egl)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     notes = [line for line in result.stderr.splitlines() if "--capture-video" in line]
     assert len(notes) == 1 and notes[0].startswith("note: ") and "MUJOCO_GL" in notes[0], notes
-    assert "200 env steps, 51 updates" in result.stdout and not os.path.exists(
-        os.path.join(only_run(tmp_path), "videos")
-    )
+    assert "N = 2: return" in result.stdout and not os.path.exists(os.path.join(only_run(tmp_path), "videos"))
 
 
 def test_online_runs_with_the_vae_behavior_model(tmp_path):
@@ -170,7 +173,7 @@ def test_deployment_efficient_batches_update_only_between_collections(tmp_path):
         (["--env-id", "tests.unbounded_env:UnboundedInvertedPendulum-v0"], ["infinite"]),
         (["--env-id", "NoSuchEnv-v9"], ["cannot make environment 'NoSuchEnv-v9'"]),
         (["--trajectory-batch-size", "0"], ["--trajectory-batch-size must be >= 1, got 0"]),
-        (["--num-samples", "0"], ["--num-samples must be >= 1, got 0"]),
+        (["--num-samples", "0"], ["--num-samples (N) must be >= 1, got 0"]),
     ],
 )
 def test_bad_input_gets_one_clear_line(tmp_path, flags, words):
@@ -282,13 +285,14 @@ ONLINE_KILL = (
 
 
 def test_online_run_killed_mid_episode_resumes_in_fresh_environments(tmp_path):
-    """SIGKILL at a random point after learning started, then --resume: the buffer, the counters and the optimizers go
-    on from the checkpoint; each environment's running episode ends there, truncated, and the run goes on in fresh
-    episodes (no transition joins two episodes); the run ends with one update per step from --learning-starts on."""
+    """SIGKILL after learning started (once a checkpoint at step 180 or later exists), then --resume: the buffer, the
+    counters and the optimizers go on from the checkpoint; each environment's running episode ends there, truncated,
+    and the run goes on in fresh episodes (no transition joins two episodes); the run ends with one update per step
+    from --learning-starts on."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "emaq_online.py", *ONLINE_KILL, "--runs-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    target, deadline = random.randint(150, 220), time.time() + 300  # a checkpoint comes every ~27 steps here
+    target, deadline = 180, time.time() + 300  # a fixed step: a checkpoint comes every ~27 steps here
     while time.time() < deadline:
         metas = [json.load(open(p)) for p in glob.glob(str(tmp_path / "*" / "checkpoint.json"))]
         if metas and metas[0]["global_step"] >= target:

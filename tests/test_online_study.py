@@ -170,3 +170,16 @@ def test_a_seed_that_stopped_before_the_step_is_left_out_and_the_row_says_so(tmp
     lines = (folder / "results.md").read_text().splitlines()
     assert "| 25,000 | n/a | 200 ± 0 | 10 ± 0 (1 of 2 seeds) | 10 ± 0 | 5.0 ± 0.0 |" in lines
     assert "No aggregate over environments" in (tmp_path / "online_summary.md").read_text()
+
+
+def test_an_environment_with_one_algorithms_runs_only_still_gets_its_table_and_plot(tmp_path):
+    folder = tmp_path / "online_halfcheetah"
+    folder.mkdir()
+    rows = [dict(step=5_000, training_return=1.0, evaluation_return=2.0), dict(step=5_000 + 1, training_return=3.0)]
+    rows[-1]["final_evaluation_return"] = 4.0
+    write_csv(folder / "sac_seed1.csv", rows)
+    online_study.tables(online_study.Tables(str(tmp_path), steps=(5_000,), reps=100))
+    lines = (folder / "results.md").read_text().splitlines()
+    assert "| 5,000 | 2 ± 0 | n/a | 1 ± 0 | n/a | n/a |" in lines
+    assert any(line.startswith("| final evaluation, 50 episodes | 4 [4, 4] | n/a |") for line in lines)
+    assert (folder / "curves.png").stat().st_size > 0

@@ -152,7 +152,7 @@ def test_the_online_cpu_preset_sets_its_values_and_flags_given_win():
         2,
         256,
         2,
-        4,
+        20,
         "small",
     )
     assert (args.total_timesteps, args.learning_starts, args.eval_every) == (100_000, 5_000, 5_000)
@@ -166,7 +166,12 @@ def test_the_online_cpu_preset_sets_its_values_and_flags_given_win():
 def test_online_help_shows_the_cpu_presets_values():
     result = run_script("emaq_online.py", "--preset", "cpu", "--help", env={"COLUMNS": "250"})
     assert result.returncode == 0
-    for text in ("K: Q functions in the ensemble (default: 2)", "(default: 100000)", "(default: small)"):
+    for text in (
+        "K: Q functions in the ensemble (default: 2)",
+        "(default: 100000)",
+        "(default: small)",
+        "(default: 20)",
+    ):
         assert text in result.stdout, text
 
 

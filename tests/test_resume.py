@@ -4,7 +4,6 @@ import errno
 import glob
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -37,13 +36,14 @@ def final_state(run_dir):
 
 
 def assert_same_run(a, b):
+    """The same evaluations and every weight of the Q ensemble, its target and mu equal to the bit (CPU)."""
     (model_a, mu_a, hist_a), (model_b, mu_b, hist_b) = final_state(a), final_state(b)
     assert hist_a == hist_b and len(hist_a) == 4
     for part in ("q_ensemble", "q_target"):
         for key in model_a[part]:
-            torch.testing.assert_close(model_a[part][key], model_b[part][key], rtol=0, atol=1e-6)
+            assert torch.equal(model_a[part][key], model_b[part][key]), (part, key)
     for key in mu_a:
-        torch.testing.assert_close(mu_a[key], mu_b[key], rtol=0, atol=1e-6)
+        assert torch.equal(mu_a[key], mu_b[key]), ("mu", key)
 
 
 @pytest.fixture(scope="module")
@@ -75,27 +75,47 @@ def start(runs_dir):
     )
 
 
+ORDER = {"behavior": 0, "emaq": 1, "done": 2}
+
+
 def wait_for_checkpoint(runs_dir, phase, min_step, proc, timeout=300):
     """Poll checkpoint.json until the run has checkpointed at (phase, step >= min_step) or later."""
-    order, deadline = {"behavior": 0, "emaq": 1, "done": 2}, time.time() + timeout
+    deadline = time.time() + timeout
     while time.time() < deadline:
         for path in glob.glob(os.path.join(runs_dir, "*", "checkpoint.json")):
             try:
                 meta = json.load(open(path))
             except ValueError:
                 continue
-            if (order[meta["phase"]], meta["step"]) >= (order[phase], min_step):
+            if (ORDER[meta["phase"]], meta["step"]) >= (ORDER[phase], min_step):
                 return os.path.dirname(path)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.005)
     raise TimeoutError(phase)
 
 
+def wait_past_the_checkpoint(run_dir, proc):
+    """Read the run's progress bars (stderr) until they show an update past its last checkpoint (checkpoint.json, read
+    once): a kill then lands after updates that this checkpoint does not hold (a later one may), never on it."""
+    meta = json.load(open(os.path.join(run_dir, "checkpoint.json")))
+    checkpointed, seen = (ORDER[meta["phase"]], meta["step"]), b""
+    while True:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, f"the run ended before it passed {meta}: {seen.decode()[-2000:]}"
+        seen += chunk
+        shown = [(0, int(n)) for n in re.findall(rb"mu:[^|]*\|[^|]*\| *(\d+)/", seen)]
+        shown += [(1, int(n)) for n in re.findall(rb"EMaQ:[^|]*\|[^|]*\| *(\d+)/", seen)]
+        if max(shown, default=(-1, 0)) > checkpointed:
+            return
+
+
 @pytest.mark.parametrize("phase, min_step", [("behavior", 20), ("emaq", 60)])
-def test_sigkill_at_a_random_point_then_resume_matches_the_uninterrupted_run(tmp_path, uninterrupted, phase, min_step):
+def test_sigkill_between_checkpoints_then_resume_matches_the_uninterrupted_run(
+    tmp_path, uninterrupted, phase, min_step
+):
     proc = start(str(tmp_path))
     run_dir = wait_for_checkpoint(str(tmp_path), phase, min_step, proc)
-    time.sleep(random.uniform(0, 0.05))  # somewhere between two checkpoints
+    wait_past_the_checkpoint(run_dir, proc)  # between two checkpoints: the kill loses updates
     proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -6,14 +6,16 @@ import inspect
 
 import pytest
 
+import behavior_model
 import emaq_offline as eo
 import emaq_online as eon
 
 ALGORITHM = ["QEnsemble", "ensemble", "emaq_target", "emaq_update", "test_time_policy", "evaluate", "flatten_obs"]
-SPEED = ["resolve_speed_flags", "autocast", "bf16_copy", "target_states_per_chunk", "compile_update"]
-PLUMBING = ["log", "fail", "atomic_save", "stop_if_nonfinite"]
+SPEED = ["resolve_speed_flags", "autocast", "target_states_per_chunk", "compile_update"]
+PLUMBING = ["log", "fail", "atomic_save", "stop_if_nonfinite", "check_shared_args"]
 SHARED_FUNCTIONS = ALGORITHM + SPEED + PLUMBING
-SHARED_CONSTANTS = ["MU_OUTPUT", "Q_OUTPUT", "CPU_TARGET_ROWS"]
+SHARED_CONSTANTS = ["Q_OUTPUT", "CPU_TARGET_ROWS"]
+FROM_BEHAVIOR_MODEL = ["bf16_copy", "MU_OUTPUT", "fp32_output_layer", "action_bounds"]  # one copy, imported by both
 
 
 @pytest.mark.parametrize("name", SHARED_FUNCTIONS)
@@ -26,8 +28,13 @@ def test_shared_constants_are_equal(name):
     assert getattr(eon, name) == getattr(eo, name)
 
 
+@pytest.mark.parametrize("name", FROM_BEHAVIOR_MODEL)
+def test_what_behavior_model_holds_for_both_scripts_is_imported_not_copied(name):
+    assert getattr(eo, name) is getattr(behavior_model, name) is getattr(eon, name)
+
+
 def test_the_online_update_calls_the_shared_target_and_update():
     """The online main builds its update from the shared pieces, not from a copy of eq. 11 of its own."""
     source = inspect.getsource(eon.main)
-    assert "emaq_update(q_batch, target_mu, target_q" in source and "compile_update(update, args)" in source
+    assert "emaq_update(q_batch, mu_read, q_target_read" in source and "compile_update(update, args)" in source
     assert "emaq_target(" in inspect.getsource(eon.emaq_update) and ".max(-1)" not in source

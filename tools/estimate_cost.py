@@ -120,12 +120,12 @@ def estimate(args: eo.Args, device, done: dict, data: dict, mu, q_ensemble, envs
     mu.eval().requires_grad_(False)
     q_target = copy.deepcopy(q_ensemble).requires_grad_(False)
     q_optimizer = torch.optim.Adam(q_ensemble.parameters(), lr=args.q_lr, fused=True)
-    target_mu, target_q = mu, q_target
+    mu_read, q_target_read = mu, q_target
     if args.precision == "bf16":
-        target_mu, target_q = eo.bf16_copy(mu, eo.MU_OUTPUT), eo.bf16_copy(q_target, eo.Q_OUTPUT)
+        mu_read, q_target_read = eo.bf16_copy(mu, eo.MU_OUTPUT), eo.bf16_copy(q_target, eo.Q_OUTPUT)
     chunk = eo.target_states_per_chunk(args, mu, device)
     emaq_rate = timed_rate(
-        lambda: eo.emaq_update(batch(), target_mu, target_q, q_ensemble, q_target, q_optimizer, args, chunk), device
+        lambda: eo.emaq_update(batch(), mu_read, q_target_read, q_ensemble, q_target, q_optimizer, args, chunk), device
     )
     obs = normalize(torch.as_tensor(eo.flatten_obs(obs_space, envs.reset(seed=args.eval_seed)[0]), device=device))
 
@@ -165,7 +165,7 @@ def main(args: eo.Args) -> tuple[str, float]:
     obs_mean, obs_std = data["obs"].mean(0), data["obs"].std(0) + 1e-3
     normalize = (lambda o: (o - obs_mean) / obs_std) if args.normalize_obs else (lambda o: o)
     data["obs"], data["next_obs"] = normalize(data["obs"]), normalize(data["next_obs"])
-    mu = eo.behavior_model(args, obs_dim, act_dim, low, high).to(device)
+    mu = eo.build_or_load_mu(args, obs_dim, act_dim, low, high).to(device)
     q_ensemble = eo.QEnsemble(obs_dim, act_dim, args.num_qs, args.q_hidden, args.q_layers).to(device)
     envs = eo.make_eval_envs(dataset, args.eval_episodes)
     done = dict(phase="behavior", step=0)

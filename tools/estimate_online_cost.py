@@ -51,9 +51,9 @@ def estimate(args: eon.Args, device) -> str:
         obs, ended, _, _ = eon.step_and_store(envs, obs, actions, ended, buf)
 
     explore_rate = timed_rate(explore_step, device) * args.num_envs
-    target_mu, target_q = mu, q_target
+    mu_read, q_target_read = mu, q_target
     if args.precision == "bf16":
-        target_mu, target_q = eon.bf16_copy(mu, eon.MU_OUTPUT), eon.bf16_copy(q_target, eon.Q_OUTPUT)
+        mu_read, q_target_read = eon.bf16_copy(mu, eon.MU_OUTPUT), eon.bf16_copy(q_target, eon.Q_OUTPUT)
     chunk = eon.target_states_per_chunk(args, mu, device)
 
     def update():  # as main's: a maximum-likelihood step of mu, then eq. 10
@@ -63,7 +63,7 @@ def estimate(args: eon.Args, device) -> str:
         nll.backward()
         mu_optimizer.step()
         batch = eon.buffer_sample(buf, args.batch_size)
-        eon.emaq_update(batch, target_mu, target_q, q_ensemble, q_target, q_optimizer, args, chunk)
+        eon.emaq_update(batch, mu_read, q_target_read, q_ensemble, q_target, q_optimizer, args, chunk)
 
     update_rate = timed_rate(update, device)
     eval_obs = torch.as_tensor(eval_envs.reset(seed=args.eval_seed)[0], device=device).float()

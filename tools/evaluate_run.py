@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+import gymnasium as gym
 import numpy as np
 import torch
 import tyro
@@ -99,6 +100,28 @@ def renderer_problem(dataset) -> str | None:
         sys.unraisablehook = hook
 
 
+class FirstEpisodeFrames(gym.Wrapper):
+    """Records the episode that a seeded reset (evaluate's) starts: a frame after the reset and after every step, until
+    it ends; the vector env's later autoresets (unseeded) are not recorded. Rendering reads the simulation only."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.frames, self.recording = [], False
+
+    def reset(self, *, seed=None, options=None):
+        result = self.env.reset(seed=seed, options=options)
+        if seed is not None:
+            self.frames, self.recording = [self.env.render()], True
+        return result
+
+    def step(self, action):
+        result = self.env.step(action)
+        if self.recording:
+            self.frames.append(self.env.render())
+            self.recording = not (result[2] or result[3])  # terminated or truncated: the episode is whole
+        return result
+
+
 def write_video(path: str, frames: list, fps: float):
     import imageio.v2 as imageio
 
@@ -121,17 +144,18 @@ def main(args: Args) -> np.ndarray:
             "libEGL (a GPU's driver or Mesa), MUJOCO_GL=osmesa needs libOSMesa; evaluating without video"
         )
     envs = eo.make_eval_envs(dataset, args.episodes, **(VIDEO if video else {}))
-    frames = [] if video else None
+    if video:  # the first sub-environment (the one that renders) records its first episode
+        envs.envs[0] = recorder = FirstEpisodeFrames(envs.envs[0])
 
     def policy(obs, generator):  # Algorithm 1, as the run evaluated it, or mu alone
         if args.policy != "emaq":
             return mu.sample(obs, 1, temperature=float(args.policy == "mu"), generator=generator)[:, 0]
         return eo.test_time_policy(mu, q_ensemble, obs, config.num_samples, config.test_ensemble_lambda, generator)
 
-    returns = eo.evaluate(policy, envs, dataset.observation_space, normalize, args.seed, device, frames)
-    if frames:
+    returns = eo.evaluate(policy, envs, dataset.observation_space, normalize, args.seed, device)
+    if video:
         path = os.path.join(args.run_dir, "videos", f"eval_{ckpt['step']}.mp4")
-        write_video(path, frames, envs.unwrapped.envs[0].metadata.get("render_fps", 30))
+        write_video(path, recorder.frames, envs.envs[0].metadata.get("render_fps", 30))
         eo.log(f"video of the first episode: {path}")
     envs.close()
     result = eo.evaluation_summary(returns, eo.reference_scores(dataset))["text"]
