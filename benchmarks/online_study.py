@@ -39,6 +39,7 @@ TAGS = dict(  # the TensorBoard tag of each column, per algorithm
 # D4RL's random and expert returns: the aggregate over environments is on this normalized scale (x 100)
 D4RL_REFERENCE = {"Hopper-v5": (-20.272305, 3234.3), "HalfCheetah-v5": (-280.178953, 12135.0)}
 D4RL_REFERENCE["Walker2d-v5"] = (1.629008, 4592.3)
+NAMES = dict(sac="SAC", emaq="EMaQ")
 
 
 @dataclass
@@ -157,7 +158,7 @@ def fmt(point_ci, decimals: int = 0) -> str:
 def environment_table(env_id: str, runs: dict, args: Tables) -> list[str]:
     """One environment's markdown: the curves at args.steps, then the final and last evaluations' IQM per algorithm."""
     emaq, sac = runs["emaq"], runs["sac"]
-    seeds = ", ".join(f"{algo.upper()} {len(r)}" for algo, r in runs.items())
+    seeds = ", ".join(f"{NAMES[algo]} {len(r)}" for algo, r in runs.items())
     lines = [
         f"## {env_id}: seeds {seeds}",
         "",
@@ -216,7 +217,8 @@ def plot(env_id: str, runs: dict, out: str, args: Tables):
             values = np.array([[window_mean(r[column], s, window) for s in grid] for r in runs[algo]])
             with warnings.catch_warnings(action="ignore"):  # steps that no seed has reached are nan, and left out
                 mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
-            ax.plot(grid, mean, color=color, label=f"{label}, {len(runs[algo])} seeds")
+            seeds = f"{len(runs[algo])} seed" + ("s" if len(runs[algo]) > 1 else "")
+            ax.plot(grid, mean, color=color, label=f"{label}, {seeds}")
             ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.15)
         ax.set(xlabel="environment steps", title=f"{env_id}: {title}")
     axes[0].set_ylabel("return (mean ± std over seeds)")

@@ -250,7 +250,7 @@ def test_impossible_target_memory_is_refused_up_front(tmp_path):
         "--target-memory-gb",
         "0.001",
     )
-    assert_clean_failure(result, "GiB per state for N=100000", "lower --num-samples")
+    assert_clean_failure(result, "GiB per state (N=100000)", "lower --num-samples")
 
 
 def test_a_finished_run_extended_to_more_updates_equals_the_longer_run(tmp_path, uninterrupted):
