@@ -130,57 +130,52 @@ def bf16_copy(module: nn.Module, keep_fp32: tuple[str, ...]) -> nn.Module:
     return module
 
 
-# ----- One file format for both models: weights, the constructor's configuration and the kind of model -----
-class SavedModel(nn.Module):
-    """save() and load() of both behavior models; a subclass sets `kind` and `config` (its constructor's arguments)."""
-
-    kind = ""
-
-    def save(self, path: str) -> None:
-        """Weights, configuration and kind, written to a temporary file and renamed into place."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        blob = {"format": "emaq-behavior-model-v1", "kind": self.kind, "config": asdict(self.config)}
-        try:
-            torch.save(blob | {"state_dict": self.state_dict()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    @classmethod
-    def load(cls, path: str, obs_dim: int | None = None, act_dim: int | None = None, map_location="cpu"):
-        """Weights only (torch.load(weights_only=True)); a clear ValueError for a missing, foreign, other-kind or
-        other-shape file. Files saved before the VAE existed have no kind: they are autoregressive."""
-        try:
-            blob = torch.load(path, map_location=map_location, weights_only=True)
-            config = blob["config"]
-            state = blob["state_dict"]
-            kind = blob.get("kind", "autoregressive")
-        except FileNotFoundError:
-            raise ValueError(f"no behavior model at {path}: pass the mu.pt file that an earlier run saved") from None
-        except Exception as e:  # truncated, tampered or foreign file
-            problem = f"{path} is not a readable behavior-model file ({type(e).__name__})"
-            raise ValueError(f"{problem}; retrain mu or pass another file") from None
-        if kind != cls.kind:
-            raise ValueError(
-                f"{path} holds a mu of kind {kind}, but this run asks for --behavior-model {cls.kind}: pass "
-                f"--behavior-model {kind}, or a mu of kind {cls.kind}"
-            )
-        saved_act = len(config["action_low"])
-        if (obs_dim is not None and obs_dim != config["obs_dim"]) or (act_dim is not None and act_dim != saved_act):
-            raise ValueError(
-                f"behavior model {path} was trained for observations of dim {config['obs_dim']} and actions of dim "
-                f"{saved_act}, but this data has observation dim {obs_dim} and action dim {act_dim}: pass a mu "
-                f"trained on this dataset, or drop the path to pretrain one"
-            )
-        model = cls(**config)
-        model.load_state_dict(state)
-        return model
+# ----- One file format for both models (their save and load): weights, the constructor's configuration, the kind ------
+def save_model(self, path: str) -> None:
+    """Weights, configuration (`self.config`) and kind, written to a temporary file and renamed into place."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    blob = {"format": "emaq-behavior-model-v1", "kind": self.kind, "config": asdict(self.config)}
+    try:
+        torch.save(blob | {"state_dict": self.state_dict()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
-class BehaviorModel(SavedModel):
+def load_model(cls, path: str, obs_dim: int | None = None, act_dim: int | None = None, map_location="cpu"):
+    """Weights only (torch.load(weights_only=True)); a clear ValueError for a missing, foreign, other-kind or
+    other-shape file. Files saved before the VAE existed have no kind: they are autoregressive."""
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        config = blob["config"]
+        state = blob["state_dict"]
+        kind = blob.get("kind", "autoregressive")
+    except FileNotFoundError:
+        raise ValueError(f"no behavior model at {path}: pass the mu.pt file that an earlier run saved") from None
+    except Exception as e:  # truncated, tampered or foreign file
+        problem = f"{path} is not a readable behavior-model file ({type(e).__name__})"
+        raise ValueError(f"{problem}; retrain mu or pass another file") from None
+    if kind != cls.kind:
+        raise ValueError(
+            f"{path} holds a mu of kind {kind}, but this run asks for --behavior-model {cls.kind}: pass "
+            f"--behavior-model {kind}, or a mu of kind {cls.kind}"
+        )
+    saved_act = len(config["action_low"])
+    if (obs_dim is not None and obs_dim != config["obs_dim"]) or (act_dim is not None and act_dim != saved_act):
+        raise ValueError(
+            f"behavior model {path} was trained for observations of dim {config['obs_dim']} and actions of dim "
+            f"{saved_act}, but this data has observation dim {obs_dim} and action dim {act_dim}: pass a mu "
+            f"trained on this dataset, or drop the path to pretrain one"
+        )
+    model = cls(**config)
+    model.load_state_dict(state)
+    return model
+
+
+class BehaviorModel(nn.Module):
     """mu(a|s) = prod_i p(l_i | s, a[:i]) / width_i, a discretized autoregressive density (App. B)."""
 
     def __init__(
@@ -328,7 +323,9 @@ class BehaviorModel(SavedModel):
             actions[..., i] = self.low[i] + (label.to(actions.dtype) + inside) * self.bin_width[i]
         return torch.minimum(torch.maximum(actions, self.low), self.high)
 
-    kind = "autoregressive"  # SavedModel: save() and load()
+    kind = "autoregressive"  # of the saved file
+    save = save_model
+    load = classmethod(load_model)
 
     @property
     def floats_per_sample(self) -> int:
@@ -359,14 +356,16 @@ def _mlp(width_in: int, hidden: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
-class VAEBehaviorModel(SavedModel):
+class VAEBehaviorModel(nn.Module):
     """mu(a|s) as a conditional VAE (App. H.1, the implementation of Wu et al. 2019 that BRAC benchmarks with):
     encoder q(z|s,a) and decoder of `layers` hidden ReLU layers of `hidden` units, latent size 2 x action dim,
     decoder p(a|s,z) = N(tanh(v), I), loss = reconstruction NLL + 0.5 KL. Sampling follows prior work: z from the
     prior clipped to [-0.5, 0.5], and the decoder's mean tanh(v), not a draw from N(tanh(v), I). The model works on
     actions mapped to [-1, 1] from the action space's bounds (the autoregressive model's [low, high] bins)."""
 
-    kind = "vae"  # SavedModel: save() and load()
+    kind = "vae"  # of the saved file
+    save = save_model
+    load = classmethod(load_model)
 
     def __init__(
         self,

@@ -99,8 +99,7 @@ class Args:
     """memory budget of the target's B x N x K values; unset: half of the free device memory"""
 
 
-# --preset: the values a run starts from (flags passed win; `--preset NAME --help` shows them). Args' own defaults are
-# Table 2's. "cpu" is not the paper's: Table 3's mu, a small ensemble, a short budget (docs/cpu_preset.md).
+# --preset: a run's starting values (flags passed win; `--help` shows them); Args' own: Table 2's; cpu: not the paper's
 PRESETS = dict(mujoco={}, table3=dict(batch_size=128, num_qs=16, q_hidden=256, q_layers=4))
 PRESETS["cpu"] = dict(num_qs=4, q_hidden=256, num_samples=2, q_lr=3e-4, ema=0.98, behavior_updates=20_000)
 PRESETS["cpu"] |= dict(total_updates=10_000, eval_every=2_500, final_eval_episodes=50)  # as judged (docs)
@@ -307,8 +306,10 @@ def load_dataset(dataset_id: str, seed: int):
     """A local dataset as it is; our generated ids on first use (tools/make_random_dataset.py); others downloaded."""
     if dataset_id not in minari.list_local_datasets():
         if match := RANDOM_ID.fullmatch(dataset_id):
-            from tools.make_random_dataset import generate_random_dataset  # lazily, as CleanRL imports its helpers
-
+            try:  # lazily: only generated ids need the tool, so a script copied without tools/ runs on any other
+                from tools.make_random_dataset import generate_random_dataset
+            except ImportError:
+                fail(f"{dataset_id} is made by tools/make_random_dataset.py: copy it (as tools/) beside this script")
             steps = int(match["steps"] or 1_000_000)
             generate_random_dataset(dataset_id, match["env_id"], steps, seed, D4RL_REF_SCORES)
         else:
@@ -425,8 +426,7 @@ def main(args: Args):
         run["step"] = 0
     log(f"mu alone: {evaluation_summary(run['mu_eval']['returns'], ref)['text']}")
 
-    # EMaQ: the Q ensemble trained with the target of eq. 11 (Algorithm 1, Appendix C). The target reads mu and the EMA
-    # network q_target, or in bf16 their read copies (q_target stays the fp32 master of the EMA)
+    # EMaQ (Algorithm 1, Appendix C): the target (eq. 11) reads mu and the EMA net q_target, or their bf16 read copies
     mu_read, q_target_read = mu, q_target
     if args.precision == "bf16":
         mu_read, q_target_read = bf16_copy(mu, MU_OUTPUT), bf16_copy(q_target, Q_OUTPUT)
