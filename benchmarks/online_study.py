@@ -77,6 +77,8 @@ def runs_below(folder: str) -> list[str]:
 
 
 def export(args: Export):
+    if not runs_below(args.emaq_dir) and not runs_below(args.sac_dir):
+        sys.exit(f"error: no TensorBoard runs below {args.emaq_dir} or {args.sac_dir}: pass the runs' folders")
     os.makedirs(args.out, exist_ok=True)
     for algo, folder in (("emaq", args.emaq_dir), ("sac", args.sac_dir)):
         for run_dir in runs_below(folder):
@@ -102,7 +104,12 @@ def export(args: Export):
 def final_evaluation(algo: str, run_dir: str, episodes: int) -> float:
     """SAC: the mean of final_evaluation.json (written by cleanrl_sac.py); EMaQ: its test-time policy at the run's N."""
     if algo == "sac":
-        with open(os.path.join(run_dir, "final_evaluation.json")) as f:
+        path = os.path.join(run_dir, "final_evaluation.json")
+        if not os.path.exists(path):
+            sys.exit(
+                f"error: {path} is missing: the run did not finish (benchmarks/cleanrl_sac.py writes it at the end)"
+            )
+        with open(path) as f:
             return float(np.mean(json.load(f)["returns"]))
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import evaluate_online_run

@@ -23,5 +23,6 @@ def test_the_script_and_behavior_model_alone_train_on_a_minari_dataset(tmp_path,
     result = run_copied(tmp_path, "--dataset-id", "test/hopper-copy-v0", "--runs-dir", "runs", *TINY)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1].startswith("test/hopper-copy-v0 | mu return")
-    failed = run_copied(tmp_path, "--dataset-id", "emaq/Hopper-v5/random_300-v0", "--runs-dir", "runs", *TINY)
+    # an id no other test generates (the session shares one Minari folder): the copy must try to generate it
+    failed = run_copied(tmp_path, "--dataset-id", "emaq/Hopper-v5/random_123-v0", "--runs-dir", "runs", *TINY)
     assert_clean_failure(failed, "tools/make_random_dataset.py", "beside this script")

@@ -183,3 +183,13 @@ def test_an_environment_with_one_algorithms_runs_only_still_gets_its_table_and_p
     assert "| 5,000 | 2 ± 0 | n/a | 1 ± 0 | n/a | n/a |" in lines
     assert any(line.startswith("| final evaluation, 50 episodes | 4 [4, 4] | n/a |") for line in lines)
     assert (folder / "curves.png").stat().st_size > 0
+
+
+def test_export_without_runs_or_with_an_unfinished_sac_run_ends_with_one_error_line(tmp_path):
+    command = ("benchmarks/online_study.py", "export", "--env-id", "Hopper-v5", "--out", str(tmp_path / "out"))
+    empty = run_script(*command, "--emaq-dir", str(tmp_path / "a"), "--sac-dir", str(tmp_path / "b"))
+    write_events(tmp_path / "sac" / "Hopper-v5__sac_continuous_action__1__9", {"eval/episodic_return": {5000: 1.0}})
+    unfinished = run_script(*command, "--emaq-dir", str(tmp_path / "a"), "--sac-dir", str(tmp_path / "sac"))
+    for result, words in ((empty, "no TensorBoard runs"), (unfinished, "final_evaluation.json is missing")):
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error:") and words in result.stderr
