@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import tyro
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sweep import cpu_model  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,12 +37,6 @@ class Args:
     """CPUs of the local Ray, one per run (0: all of this machine's)"""
     keep: bool = False
     """keep the sweep's folder (printed) instead of deleting it"""
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return f"{names[0] if names else 'unknown CPU'} ({os.cpu_count()} logical CPUs)"
 
 
 if __name__ == "__main__":

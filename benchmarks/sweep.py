@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import os
+import platform
 import re
 import shlex
 import signal
@@ -98,6 +99,16 @@ def domain(dataset_id: str) -> str:
     if env in ("door", "hammer", "pen", "relocate") or env.startswith("adroithand"):
         return "adroit"
     return "mujoco"
+
+
+def cpu_model() -> str:
+    """This machine's CPU, as results and benchmarks print it (speeds differ between CPU models)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:  # not Linux
+        names = [platform.processor()]
+    return f"{names[0] if names and names[0] else 'unknown CPU'} ({os.cpu_count()} logical CPUs)"
 
 
 def slug(text: str) -> str:
@@ -315,7 +326,11 @@ def sweep(args: Args) -> int:
     os.makedirs(args.sweep_dir, exist_ok=True)
     with open(os.path.join(args.sweep_dir, "sweep.json"), "w") as f:
         json.dump(
-            {"command": shlex.join(["python", "benchmarks/sweep.py", *sys.argv[1:]]), "args": dataclasses.asdict(args)},
+            {
+                "command": shlex.join(["python", "benchmarks/sweep.py", *sys.argv[1:]]),
+                "cpu": cpu_model(),
+                "args": dataclasses.asdict(args),
+            },
             f,
             indent=2,
         )
@@ -458,13 +473,71 @@ NOT_GRID = set(
 
 
 def load_runs(sweep_dir: str) -> list:
-    """Every finished emaq_offline.py run under sweep_dir: its folder, config.json and summary.json."""
+    """Every finished emaq_offline.py run under sweep_dir: its folder, config.json, summary.json and updates per
+    second; in a results folder without run folders, the same from its runs.csv (what write_results wrote)."""
     runs = []
     for folder, _, files in sorted(os.walk(sweep_dir)):
         if "summary.json" in files and "config.json" in files:
             with open(os.path.join(folder, "config.json")) as f, open(os.path.join(folder, "summary.json")) as g:
-                runs.append({"dir": folder, "config": json.load(f), "summary": json.load(g)})
+                run = {"dir": folder, "config": json.load(f), "summary": json.load(g)}
+            runs.append(run | {"updates_per_s": updates_per_second(folder)})
+    if not runs and os.path.isfile(os.path.join(sweep_dir, "runs.csv")):
+        return runs_from_csv(sweep_dir)
     return runs
+
+
+def updates_per_second(run_folder: str) -> float | None:
+    """The median of the run's charts/SPS (Q updates per second between log points, evaluations excluded)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_folder, size_guidance={"scalars": 0}).Reload()
+    if "charts/SPS" not in events.Tags()["scalars"]:
+        return None
+    return float(np.median([event.value for event in events.Scalars("charts/SPS")]))
+
+
+RUNS_COLUMNS = "run config dataset_id score_tag mu_return mu_score updates_per_s step return score".split()
+
+
+def write_runs_csv(runs: list, sweep_dir: str, path: str):
+    """runs.csv: a row per run and evaluation (a mu run: one row, no step): the per-run data results are built from.
+    `config` holds the flags that differ between runs and those the results read, as JSON."""
+    keys = {k for r in runs for k in r["config"] if len({json.dumps(q["config"].get(k)) for q in runs}) > 1}
+    keys |= {"dataset_id", "num_samples", "seed", "total_updates", "behavior_updates"}
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, RUNS_COLUMNS)
+        writer.writeheader()
+        for r in runs:
+            config = {k: r["config"].get(k) for k in sorted(keys)}
+            if r["config"].get("behavior_path"):  # the mu run it loaded, as a folder relative to the sweep's
+                mu_folder = os.path.dirname(os.path.realpath(r["config"]["behavior_path"]))
+                config["behavior_path"] = os.path.join(os.path.relpath(mu_folder, os.path.realpath(sweep_dir)), "mu.pt")
+            summary = r["summary"]
+            row = dict(run=os.path.relpath(os.path.realpath(r["dir"]), os.path.realpath(sweep_dir)))
+            row |= dict(config=json.dumps(config), dataset_id=summary["dataset_id"], score_tag=summary["score_tag"])
+            row |= dict(mu_return=summary["mu_return"], mu_score=summary["mu_score"], updates_per_s=r["updates_per_s"])
+            for step, ret, score in summary["history"] or [(None, None, None)]:
+                writer.writerow(row | dict(step=step, **{"return": ret}, score=score))
+
+
+def runs_from_csv(results_dir: str) -> list:
+    """The runs of a runs.csv, as load_runs gives them (folders relative to results_dir)."""
+    number = lambda text: None if text == "" else float(text)  # noqa: E731
+    runs = {}
+    with open(os.path.join(results_dir, "runs.csv"), newline="") as f:
+        for row in csv.DictReader(f):
+            if row["run"] not in runs:
+                config = json.loads(row["config"])
+                if config.get("behavior_path"):
+                    config["behavior_path"] = os.path.join(results_dir, config["behavior_path"])
+                summary = dict(dataset_id=row["dataset_id"], score_tag=row["score_tag"] or None, history=[])
+                summary |= dict(mu_return=number(row["mu_return"]), mu_score=number(row["mu_score"]))
+                runs[row["run"]] = dict(dir=os.path.join(results_dir, row["run"]), config=config, summary=summary)
+                runs[row["run"]]["updates_per_s"] = number(row["updates_per_s"])
+            if row["step"] != "":
+                evaluation = [int(row["step"]), float(row["return"]), number(row["score"])]
+                runs[row["run"]]["summary"]["history"].append(evaluation)
+    return list(runs.values())
 
 
 def interval_estimates(scores: np.ndarray, reps: int, seed: int = 0):
@@ -504,9 +577,9 @@ def interval_columns(point: dict, ci: dict) -> dict:
     }
 
 
-def summarize(sweep_dir: str, reps: int):
+def summarize(sweep_dir: str, reps: int, runs: list | None = None):
     """Rows of results.csv: per (dataset, grid values, N) and, over datasets with normalized scores, per (grid, N)."""
-    runs = load_runs(sweep_dir)
+    runs = load_runs(sweep_dir) if runs is None else runs
     mus = {os.path.realpath(r["dir"]): r for r in runs if r["config"]["total_updates"] == 0}
     emaq = [r for r in runs if r["config"]["total_updates"] > 0 and r["summary"]["history"]]
     # The mu run each run loaded (--behavior-path), found by its whole path: run folders' names are unique only within
@@ -535,6 +608,7 @@ def summarize(sweep_dir: str, reps: int):
         mu_source = [m["summary"] for m in loaded if m] if all(loaded) else [r["summary"] for r in group]
         mu_value = float(np.mean([s["mu_score" if scored else "mu_return"] for s in mu_source]))
         point, ci = interval_estimates(last[:, None], reps)
+        speeds = [r["updates_per_s"] for r in group]
         rows.append(
             {
                 "dataset_id": dataset_id,
@@ -549,6 +623,7 @@ def summarize(sweep_dir: str, reps: int):
                 "best_std": best.std(),
                 **interval_columns(point, ci),
                 "mu": mu_value,
+                "updates_per_s": None if None in speeds else float(np.mean(speeds)),
                 "seed_list": " ".join(str(r["config"]["seed"]) for r in group),
                 "last_scores": " ".join(repr(float(x)) for x in last),
                 "best_scores": " ".join(repr(float(x)) for x in best),
@@ -579,12 +654,15 @@ def summarize(sweep_dir: str, reps: int):
 
 CSV_COLUMNS = (
     "dataset_id grid N seeds metric updates last_mean last_std best_mean best_std last_iqm last_iqm_ci_low "
-    "last_iqm_ci_high last_mean_ci_low last_mean_ci_high mu seed_list last_scores best_scores"
+    "last_iqm_ci_high last_mean_ci_low last_mean_ci_high mu updates_per_s seed_list last_scores best_scores"
 ).split()
 
 
 def write_results(sweep_dir: str, out_dir: str, reps: int):
-    rows, curves, num_mu = summarize(sweep_dir, reps)
+    """results.md, results.csv, the plots, and the per-run data they come from (runs.csv, sweep.json): a results folder
+    is itself a sweep_dir that `--results-only` rebuilds all of them from."""
+    runs = load_runs(sweep_dir)
+    rows, curves, num_mu = summarize(sweep_dir, reps, runs)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_COLUMNS)
@@ -592,13 +670,18 @@ def write_results(sweep_dir: str, out_dir: str, reps: int):
         writer.writerows(
             {k: repr(float(v)) if isinstance(v, (float, np.floating)) else v for k, v in row.items()} for row in rows
         )
+    if runs:
+        write_runs_csv(runs, sweep_dir, os.path.join(out_dir, "runs.csv"))
     plots = plot_results(rows, curves, out_dir)
-    command = None
+    about = {}
     if os.path.isfile(os.path.join(sweep_dir, "sweep.json")):
         with open(os.path.join(sweep_dir, "sweep.json")) as f:
-            command = json.load(f)["command"]
+            about = json.load(f)
+        if not os.path.samefile(sweep_dir, out_dir):
+            with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+                json.dump({k: about[k] for k in ("command", "cpu") if k in about}, f, indent=2)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(results_markdown(rows, plots, command, reps, sweep_dir, num_mu))
+        f.write(results_markdown(rows, plots, about, reps, sweep_dir, num_mu))
     print(
         f"results: {os.path.join(out_dir, 'results.md')}, results.csv and {len(plots)} plots "
         f"({sum(r['dataset_id'][:4] != 'all ' for r in rows)} cells)",
@@ -610,10 +693,15 @@ def pm(mean, std) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
-def results_markdown(rows, plots, command, reps, sweep_dir, num_mu) -> str:
+def speed(updates_per_s) -> str:
+    return "-" if updates_per_s is None else f"{updates_per_s:.1f}"
+
+
+def results_markdown(rows, plots, about, reps, sweep_dir, num_mu) -> str:
     text = [f"# EMaQ sweep results: `{sweep_dir}`", ""]
-    if command:
-        text += ["Produced by:", "", "```bash", command, "```", ""]
+    if about.get("command"):
+        text += ["Produced by:", "", "```bash", about["command"], "```", ""]
+        text += [f"on {about['cpu']}, its runs side by side (one CPU each).", ""] if about.get("cpu") else []
     text += [
         "**Scores.** Each evaluation is the mean return of the test-time policy (Algorithm 1) over the run's "
         "evaluation episodes, as a D4RL-style normalized score (100 x (return - ref min) / (ref max - ref min); the "
@@ -626,9 +714,12 @@ def results_markdown(rows, plots, command, reps, sweep_dir, num_mu) -> str:
         "resamples); "
         "rliable's IQM trims floor(n/4) runs from each end, so with fewer than 4 seeds it equals the mean. "
         "**mu** is mu alone (one sample of mu(a|s) per step, no Q): the behavior-cloning baseline, from the dataset's "
-        "mu run that every N loaded.",
+        "mu run that every N loaded. "
+        "**updates/s** is a run's median rate of Q updates between log points (TensorBoard's charts/SPS, "
+        "evaluations excluded), the mean over seeds.",
         "",
     ]
+    text += ["![score_vs_N.png](score_vs_N.png)", ""] if "score_vs_N.png" in plots else []
     for dataset_id in dict.fromkeys(row["dataset_id"] for row in rows):
         own = [row for row in rows if row["dataset_id"] == dataset_id]
         text += [f"## {dataset_id}", ""]
@@ -636,13 +727,13 @@ def results_markdown(rows, plots, command, reps, sweep_dir, num_mu) -> str:
             text += [
                 f"mu alone: **{own[0]['mu']:.1f}** ({own[0]['metric']}); {own[0]['updates']:,} updates per run.",
                 "",
-                "| N | grid | seeds | last (mean ± std) | IQM of last [95% CI] | best (mean ± std) | mu |",
-                "|---|---|---|---|---|---|---|",
+                "| N | grid | seeds | last (mean ± std) | IQM of last [95% CI] | best (mean ± std) | mu | updates/s |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             text += [
                 f"| {row['N']} | {row['grid'] or '-'} | {row['seeds']} | **{pm(row['last_mean'], row['last_std'])}** | "
                 f"{row['last_iqm']:.1f} [{row['last_iqm_ci_low']:.1f}, {row['last_iqm_ci_high']:.1f}] | "
-                f"{pm(row['best_mean'], row['best_std'])} | {row['mu']:.1f} |"
+                f"{pm(row['best_mean'], row['best_std'])} | {row['mu']:.1f} | {speed(row['updates_per_s'])} |"
                 for row in own
             ]
         else:
@@ -671,25 +762,11 @@ def plot_results(rows, curves, out_dir) -> list:
     import matplotlib.pyplot as plt
 
     names = []
-    for dataset_id in dict.fromkeys(row["dataset_id"] for row in rows if "last_std" in row):
+    datasets = list(dict.fromkeys(row["dataset_id"] for row in rows if "last_std" in row))
+    for dataset_id in datasets:
         own = [row for row in rows if row["dataset_id"] == dataset_id]
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for grid in dict.fromkeys(row["grid"] for row in own):
-            line = sorted((row for row in own if row["grid"] == grid), key=lambda row: row["N"])
-            ns = [row["N"] for row in line]
-            ax.plot(ns, [row["last_mean"] for row in line], "o-", label=f"EMaQ {grid}".strip() + " (mean of last)")
-            ax.fill_between(
-                ns, [row["last_mean_ci_low"] for row in line], [row["last_mean_ci_high"] for row in line], alpha=0.25
-            )
-        ax.axhline(own[0]["mu"], color="gray", linestyle="--", label="mu alone")
-        all_ns = sorted({row["N"] for row in own})
-        ax.set_xscale("log")
-        ax.set_xticks(all_ns, [str(n) for n in all_ns])
-        ax.minorticks_off()
-        ax.set_xlabel("N (samples from mu)")
-        ax.set_ylabel(f"last {own[0]['metric']}".replace("_", " "))
-        ax.set_title(f"{dataset_id}\n{own[0]['seeds']} seeds, band: 95% bootstrap CI of the mean", fontsize=9)
-        ax.legend(fontsize=7)
+        draw_score_vs_n(ax, own)
         fig.tight_layout()
         names.append(f"{slug(dataset_id)}_score_vs_N.png")
         fig.savefig(os.path.join(out_dir, names[-1]), dpi=110)
@@ -713,7 +790,35 @@ def plot_results(rows, curves, out_dir) -> list:
         names.append(f"{slug(dataset_id)}_learning_curves.png")
         fig.savefig(os.path.join(out_dir, names[-1]), dpi=110)
         plt.close(fig)
+    if len(datasets) > 1:  # every dataset's score against N side by side: the figure a README shows
+        fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
+        for ax, dataset_id in zip(axes[0], datasets, strict=True):
+            draw_score_vs_n(ax, [row for row in rows if row["dataset_id"] == dataset_id])
+        fig.tight_layout()
+        names.append("score_vs_N.png")
+        fig.savefig(os.path.join(out_dir, names[-1]), dpi=110)
+        plt.close(fig)
     return names
+
+
+def draw_score_vs_n(ax, own: list):
+    """A dataset's last score against N (Figure 1's style): the mean over seeds, its 95% CI as a band, mu as a line."""
+    for grid in dict.fromkeys(row["grid"] for row in own):
+        line = sorted((row for row in own if row["grid"] == grid), key=lambda row: row["N"])
+        ns = [row["N"] for row in line]
+        ax.plot(ns, [row["last_mean"] for row in line], "o-", label=f"EMaQ {grid}".strip() + " (mean of last)")
+        ax.fill_between(
+            ns, [row["last_mean_ci_low"] for row in line], [row["last_mean_ci_high"] for row in line], alpha=0.25
+        )
+    ax.axhline(own[0]["mu"], color="gray", linestyle="--", label="mu alone")
+    all_ns = sorted({row["N"] for row in own})
+    ax.set_xscale("log")
+    ax.set_xticks(all_ns, [str(n) for n in all_ns])
+    ax.minorticks_off()
+    ax.set_xlabel("N (samples from mu)")
+    ax.set_ylabel(f"last {own[0]['metric']}".replace("_", " "))
+    ax.set_title(f"{own[0]['dataset_id']}\n{own[0]['seeds']} seeds, band: 95% bootstrap CI of the mean", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -273,7 +274,7 @@ def test_results_csv_equals_the_numbers_from_the_summaries(sweep):
                 mu_score[summary["dataset_id"]] = summary["mu_score"]
             else:
                 by_hand.setdefault((summary["dataset_id"], config["num_samples"]), []).append(
-                    (config["seed"], summary["history"])
+                    (config["seed"], summary["history"], sps_median_by_hand(folder))
                 )
     assert len(by_hand) == 4 and all(len(v) == 2 for v in by_hand.values())
     per_dataset = [row for row in rows if not row["dataset_id"].startswith("all ")]
@@ -281,8 +282,8 @@ def test_results_csv_equals_the_numbers_from_the_summaries(sweep):
     close = lambda a, b: abs(float(a) - b) <= 1e-9  # noqa: E731
     for row in per_dataset:
         runs = sorted(by_hand[row["dataset_id"], int(row["N"])])
-        last = [history[-1][2] for _, history in runs]
-        best = [max(h[2] for h in history) for _, history in runs]
+        last = [history[-1][2] for _, history, _ in runs]
+        best = [max(h[2] for h in history) for _, history, _ in runs]
         assert row["metric"] == "normalized_score" and int(row["seeds"]) == 2 and int(row["updates"]) == TOTAL
         for column, value in [
             ("last_mean", mean(last)),
@@ -291,6 +292,7 @@ def test_results_csv_equals_the_numbers_from_the_summaries(sweep):
             ("best_std", std(best)),
             ("last_iqm", trimmed_mean_by_hand(last)),
             ("mu", mu_score[row["dataset_id"]]),
+            ("updates_per_s", mean([speed for _, _, speed in runs])),
         ]:
             assert close(row[column], value), (row["dataset_id"], row["N"], column, row[column], value)
         assert float(row["last_iqm_ci_low"]) <= float(row["last_iqm"]) <= float(row["last_iqm_ci_high"])
@@ -299,16 +301,31 @@ def test_results_csv_equals_the_numbers_from_the_summaries(sweep):
     overall = [row for row in rows if row["dataset_id"].startswith("all ")]
     assert sorted(int(row["N"]) for row in overall) == [1, 4]
     for row in overall:
-        last = [history[-1][2] for dataset in GOOD for _, history in by_hand[dataset, int(row["N"])]]
+        last = [history[-1][2] for dataset in GOOD for _, history, _ in by_hand[dataset, int(row["N"])]]
         assert close(row["last_mean"], sum(last) / len(last)) and close(row["last_iqm"], trimmed_mean_by_hand(last))
         assert float(row["last_iqm_ci_low"]) <= float(row["last_iqm"]) <= float(row["last_iqm_ci_high"])
-    # the markdown table and the two plots per dataset
+    # the markdown table, the two plots per dataset, and the datasets' score-vs-N plots side by side
     text = open(os.path.join(sweep["dir"], "results.md")).read()
     assert "**last** is the final evaluation" in text and "IQM" in text and "mu alone" in text
-    for dataset in GOOD:
-        for plot in ("score_vs_N", "learning_curves"):
-            name = f"{dataset.replace('/', '__')}_{plot}.png"
-            assert os.path.getsize(os.path.join(sweep["dir"], name)) > 10_000 and f"]({name})" in text
+    for name in [f"{d.replace('/', '__')}_{plot}.png" for d in GOOD for plot in ("score_vs_N", "learning_curves")]:
+        assert os.path.getsize(os.path.join(sweep["dir"], name)) > 10_000 and f"]({name})" in text
+    assert os.path.getsize(os.path.join(sweep["dir"], "score_vs_N.png")) > 10_000 and "](score_vs_N.png)" in text
+    assert f"on {read_json(sweep['dir'], 'sweep.json')['cpu']}, its runs side by side" in text
+
+
+def sps_median_by_hand(run_folder):
+    """The median of the run's charts/SPS, read from its TensorBoard event files record by record (a resumed run has
+    two; a step logged again after the resume replaces the killed process's value, as in TensorBoard)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    by_step = {}
+    for name in sorted(f for f in os.listdir(run_folder) if f.startswith("events.out.tfevents")):
+        for event in LegacyEventFileLoader(os.path.join(run_folder, name)).Load():
+            for value in event.summary.value:
+                if value.tag == "charts/SPS":
+                    by_step[event.step] = value.simple_value
+    assert sorted(by_step) == list(range(10, TOTAL + 1, 10))  # one per log interval
+    return statistics.median(by_step.values())
 
 
 def test_results_only_rewrites_the_same_results_elsewhere(sweep, tmp_path):
@@ -323,6 +340,31 @@ def test_results_only_rewrites_the_same_results_elsewhere(sweep, tmp_path):
     assert result.returncode == 0, result.stderr
     with open(os.path.join(sweep["dir"], "results.csv")) as f, open(tmp_path / "results.csv") as g:
         assert f.read() == g.read()  # the bootstrap is seeded: the same numbers, to the last digit
+
+
+def test_a_results_folder_rebuilds_its_results_from_its_runs_csv_alone(sweep, tmp_path):
+    """What a results folder commits (runs.csv, sweep.json) is enough: --results-only on a copy of those two files
+    writes the same results.csv, runs.csv and plots, and results.md names the command and the CPU."""
+    for name in ("runs.csv", "sweep.json"):
+        with open(os.path.join(sweep["dir"], name)) as f, open(tmp_path / name, "w") as g:
+            g.write(f.read())
+    result = subprocess.run(
+        [sys.executable, SWEEP, "--sweep-dir", str(tmp_path), "--results-only", "--bootstrap-reps", "2000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("results.csv", "runs.csv"):
+        with open(os.path.join(sweep["dir"], name)) as f, open(tmp_path / name) as g:
+            assert f.read() == g.read(), name
+    with open(tmp_path / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["run"].split(os.sep)[-2] for row in rows} >= {"mu", "N1_seed1", "N4_seed2"}
+    assert len(rows) == sum(1 for _ in open(os.path.join(sweep["dir"], "runs.csv"))) - 1
+    text = (tmp_path / "results.md").read_text()
+    assert read_json(sweep["dir"], "sweep.json")["command"] in text and "score_vs_N.png" in os.listdir(tmp_path)
 
 
 def test_the_dataset_check_creates_a_missing_minari_folder_on_a_fresh_machine(tmp_path, monkeypatch):
