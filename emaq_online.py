@@ -438,8 +438,8 @@ def main(args: Args):
 # ----- Helpers of main: the flags; speed; the run directory, checkpoints and resume -----------------------------------
 def resolve_speed_flags(args, device):
     """'auto': bf16 where native (CUDA, AVX512-BF16, AMX); compile and CUDA graphs on a GPU only (no gain on a CPU)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private to torch.cpu: absent means no
-    cpu_bf16 = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    cpu_flags = open("/proc/cpuinfo").read().split() if os.path.isfile("/proc/cpuinfo") else []  # not Linux: fp32
+    cpu_bf16 = "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags  # native bf16 matmuls (emulated ones are slower)
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_bf16
     args.precision = ("bf16" if native else "fp32") if args.precision == "auto" else args.precision
     args.compile = ("on" if device.type == "cuda" else "off") if args.compile == "auto" else args.compile

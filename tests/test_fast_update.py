@@ -3,6 +3,8 @@
 Plain: mu sampled one action dimension at a time with the state embedded for every sample (through the
 teacher-forced logits), each Q network its own nn.Sequential on [s, a], one network at a time, its own loss."""
 
+import io
+
 import pytest
 import torch
 from conftest import make_update
@@ -172,11 +174,14 @@ def test_compiled_update_equals_eager_and_failure_falls_back(monkeypatch, capsys
 
 def test_auto_settings_per_device(monkeypatch, capsys):
     resolved = eo.check_args(eo.Args(), torch.device("cpu"))
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    with open("/proc/cpuinfo") as f:  # the CPU's flags: AVX512-BF16 or AMX do bf16 matmuls natively
+        native = bool({"avx512_bf16", "amx_bf16"} & set(f.read().split()))
     assert (resolved.precision, resolved.compile, resolved.cudagraphs) == ("bf16" if native else "fp32", "off", "off")
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert eo.check_args(eo.Args(), torch.device("cpu")).precision == "fp32"  # emulated bf16 would be slower
+    for flags, precision in [("fpu avx512f avx512_bf16", "bf16"), ("fpu amx_bf16", "bf16"), ("fpu avx512f", "fp32")]:
+        monkeypatch.setattr(eo, "open", lambda *_, flags=flags: io.StringIO(f"flags\t\t: {flags}\n"), raising=False)
+        assert eo.check_args(eo.Args(), torch.device("cpu")).precision == precision  # emulated bf16 would be slower
+    monkeypatch.setattr(eo.os.path, "isfile", lambda path: False)  # no /proc/cpuinfo (not Linux): no native bf16
+    assert eo.check_args(eo.Args(), torch.device("cpu")).precision == "fp32"
     assert eo.check_args(eo.Args(precision="bf16"), torch.device("cpu")).precision == "bf16"  # asked for: kept
     gpu = eo.check_args(eo.Args(precision="fp32"), torch.device("cuda"))
     assert (gpu.compile, gpu.cudagraphs) == ("on", "on")
