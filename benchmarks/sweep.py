@@ -502,8 +502,8 @@ RUNS_COLUMNS = "run config dataset_id score_tag mu_return mu_score updates_per_s
 def write_runs_csv(runs: list, sweep_dir: str, path: str):
     """runs.csv: a row per run and evaluation (a mu run: one row, no step): the per-run data results are built from.
     `config` holds the flags that differ between runs and those the results read, as JSON."""
-    keys = {k for r in runs for k in r["config"] if len({json.dumps(q["config"].get(k)) for q in runs}) > 1}
-    keys |= {"dataset_id", "num_samples", "seed", "total_updates", "behavior_updates"}
+    keys = {k for r in runs for k in r["config"] if len({json.dumps(q["config"].get(k)) for q in runs}) > 1} - NOT_GRID
+    keys |= {"dataset_id", "num_samples", "seed", "total_updates", "behavior_updates"}  # no paths of this machine
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, RUNS_COLUMNS)
         writer.writeheader()
