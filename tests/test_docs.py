@@ -2,6 +2,7 @@
 preset's paragraph are read from README.md and compared with emaq_offline's Args and PRESETS (and behavior_model's
 PRESETS), so that a changed default or preset cannot leave the README stale."""
 
+import csv
 import dataclasses
 import os
 import re
@@ -127,3 +128,22 @@ def test_the_cpu_presets_paragraph_is_the_codes(pattern, fields, scale):
     args = preset_args("cpu")
     assert [number(v) * scale for v in written.groups()] == [getattr(args, f) for f in fields]
     assert behavior_model.PRESETS["cpu"] == behavior_model.PRESETS["table3"]  # "Table 3's mu"
+
+
+def test_the_random_data_table_is_the_committed_sweeps():
+    """The README's random-data table (Results) is benchmarks/results/random_sweep/results.csv: every score cell its
+    IQM [CI] to one decimal, the speed column Walker2d's updates/s and the ms per update they give."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "random_sweep", "results.csv")) as f:
+        cells = {(row["dataset_id"], int(row["N"])): row for row in csv.DictReader(f)}
+    table = re.search(r"^\| N \| HalfCheetah \|.*?\n\n", section(readme(), "Results"), re.S | re.M)
+    assert table, "the Results section has no random-data table"
+    rows = table_rows(table.group(0))
+    assert [int(row[0].split()[0]) for row in rows] == [1, 2, 5, 10, 25]
+    for row in rows:
+        n = int(row[0].split()[0])
+        for env, written in zip(("HalfCheetah", "Hopper", "Walker2d"), row[1:4], strict=True):
+            cell = cells[(f"emaq/{env}-v5/random-v0", n)]
+            iqm, low, high = (float(cell[k]) for k in ("last_iqm", "last_iqm_ci_low", "last_iqm_ci_high"))
+            assert written.replace("**", "") == f"{iqm:.1f} [{low:.1f}, {high:.1f}]", (env, n)
+        speed = float(cells[("emaq/Walker2d-v5/random-v0", n)]["updates_per_s"])
+        assert row[4] == f"{speed:.1f} ({1000 / speed:.0f})", n
