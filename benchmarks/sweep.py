@@ -4,12 +4,15 @@ Docs: README.md, section "Reproduce the paper". Every run is an ordinary emaq_of
     sweep_dir/runs/<dataset>/mu/<run>/            mu pretrained once per dataset (--total-updates 0)
     sweep_dir/runs/<dataset>/N<n>_seed<s>/<run>/  EMaQ with that mu (--behavior-path .../mu.pt --behavior-updates 0)
 Each cell folder also holds log.txt (the run's stdout and stderr). Relaunching the same command skips finished runs
-and resumes interrupted ones; `--results-only` rewrites results.md, results.csv and the plots from the runs' files.
+and resumes interrupted ones; relaunching it with a larger --total-updates in its flags extends every finished run to
+that count (`--resume`, as by hand); `--results-only` rewrites results.md, results.csv and the plots from the runs'
+files.
 """
 
 import csv
 import ctypes
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -126,6 +129,7 @@ class Run:
     dir: str  # the cell folder: its --runs-dir, holding the run folder and log.txt
     argv: list  # emaq_offline.py's flags for a fresh start (the mu's path is added when it is known)
     mu: Optional["Run"] = None
+    total_updates: int = 0  # the EMaQ updates its flags ask for (set at launch): a finished run with fewer is extended
 
     @property
     def name(self) -> str:
@@ -188,6 +192,22 @@ def plan(args: Args) -> list:
     return runs
 
 
+@functools.cache
+def requested_updates_of(argv: tuple) -> int:
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import emaq_offline
+
+    return emaq_offline.cli(list(argv)).total_updates
+
+
+def requested_updates(argv: list) -> int:
+    """--total-updates of a run with these flags, as emaq_offline.py resolves them (its preset's count if not given);
+    the same for every seed and N."""
+    skip = {"--seed", "--num-samples"}
+    return requested_updates_of(tuple(a for i, a in enumerate(argv) if a not in skip and argv[i - 1] not in skip))
+
+
 def grid_name(combo) -> str:
     return "".join(f"_{flag}={value}" for flag, value in combo)
 
@@ -196,14 +216,17 @@ def grid_argv(combo) -> list:
     return [token for flag, value in combo for token in (f"--{flag}", value)]
 
 
-def run_state(cell_dir: str):
-    """('finished' | 'interrupted' | 'new', the run folder or None): the cell's run folder with summary.json, else its
-    newest folder with a checkpoint to resume (one without, killed before its first checkpoint, is left as it is)."""
+def run_state(cell_dir: str, total_updates: int = 0):
+    """('finished' | 'to extend' | 'interrupted' | 'new', the run folder or None): the cell's run folder with
+    summary.json ('to extend' while its checkpoint has fewer than `total_updates` updates), else its newest folder with
+    a checkpoint to resume (one without, killed before its first checkpoint, is left as it is)."""
     folders = [os.path.join(cell_dir, d) for d in (sorted(os.listdir(cell_dir)) if os.path.isdir(cell_dir) else [])]
     folders = [d for d in folders if os.path.isfile(os.path.join(d, "config.json"))]
     for d in folders:
         if os.path.isfile(os.path.join(d, "summary.json")):
-            return "finished", d
+            meta = os.path.join(d, "checkpoint.json")  # its last checkpoint: the end, or where an extension stopped
+            done = json.load(open(meta))["step"] if os.path.isfile(meta) else total_updates
+            return ("to extend" if done < total_updates else "finished"), d
     resumable = [d for d in folders if os.path.isfile(os.path.join(d, "checkpoint.json"))]
     return ("interrupted", max(resumable, key=os.path.getmtime)) if resumable else ("new", None)
 
@@ -217,11 +240,13 @@ def execute(spec: dict, mu: dict | None, *after) -> dict:
     started, result = time.time(), {"status": "failed", "resumed": False}
     if mu is not None and mu["status"] != "finished":
         return {**result, "status": "not run", "message": f"its mu did not finish ({mu['status']})", "started": started}
-    state, run_dir = run_state(spec["dir"])
+    state, run_dir = run_state(spec["dir"], spec["total_updates"])
     if state == "finished":
         return {**result, **read_summary(run_dir), "status": "finished", "run_dir": run_dir, "started": started}
     if state == "interrupted":
         argv = [spec["python"], EMAQ, "--resume", run_dir]
+    elif state == "to extend":
+        argv = [spec["python"], EMAQ, "--resume", run_dir, "--total-updates", str(spec["total_updates"])]
     else:
         argv = [spec["python"], EMAQ, *spec["argv"], "--runs-dir", spec["dir"]]
         argv += ["--behavior-path", os.path.join(mu["run_dir"], "mu.pt")] if mu else []
@@ -254,11 +279,12 @@ def execute(spec: dict, mu: dict | None, *after) -> dict:
         except BaseException:  # the sweep is stopping: the run checkpoints at its next update and exits 130
             terminate(proc)
             raise
-    state, run_dir = run_state(spec["dir"])
+    state, run_dir = run_state(spec["dir"], spec["total_updates"])
     result.update(
         rc=proc.returncode,
         run_dir=run_dir,
         resumed=argv[2] == "--resume",
+        extended="--total-updates" in argv[3:],
         started=started,
         child_seconds=time.time() - child_start,
         ended=time.time(),
@@ -305,21 +331,26 @@ def log_tail(path: str, lines: int) -> list:
 # ---------------------------------------------------------------------------------------------------
 def sweep(args: Args) -> int:
     runs = plan(args)
-    states = {id(run): run_state(run.dir)[0] for run in runs}
-    todo = [run for run in runs if states[id(run)] != "finished"]
-    resume = sum(states[id(run)] == "interrupted" for run in runs)
+    for run in runs:  # what each EMaQ run's flags ask for, as emaq_offline.py reads them (a bad flag stops here)
+        run.total_updates = requested_updates(run.argv) if run.n is not None else 0
+    states = {id(run): run_state(run.dir, run.total_updates) for run in runs}
+    todo = [run for run in runs if states[id(run)][0] != "finished"]
+    resume, extend = (sum(states[id(run)][0] == state for run in runs) for state in ("interrupted", "to extend"))
     print(
         f"sweep {args.sweep_dir}: {len(runs)} runs ({sum(r.n is None for r in runs)} mu, "
-        f"{len(args.datasets)} datasets), {len(runs) - len(todo)} finished, {resume} to resume, "
-        f"{len(todo) - resume} to start",
+        f"{len(args.datasets)} datasets), {len(runs) - len(todo)} finished, {resume} to resume, {extend} to extend, "
+        f"{len(todo) - resume - extend} to start",
         flush=True,
     )
     if args.dry_run:
         for run in todo:
-            print(
-                f"  {states[id(run)]:>11}: python emaq_offline.py {shlex.join(run.argv)} --runs-dir {run.dir}"
-                + (f" --behavior-path {run.mu.dir}/<run>/mu.pt" if run.mu else "")
-            )
+            state, folder = states[id(run)]
+            if state == "to extend":
+                command = f"--resume {folder} --total-updates {run.total_updates}"
+            else:
+                command = f"{shlex.join(run.argv)} --runs-dir {run.dir}"
+                command += f" --behavior-path {run.mu.dir}/<run>/mu.pt" if run.mu else ""
+            print(f"  {state:>11}: python emaq_offline.py {command}")
         return 0
     if todo:
         check_datasets(args.datasets)
@@ -403,6 +434,7 @@ def run_on_ray(args: Args, runs: list, todo: list):
                 refs[key] = {"status": "finished", "run_dir": run_state(run.dir)[1]}
             continue
         spec = dict(dir=run.dir, argv=run.argv, python=args.python, env=env, tail_lines=args.tail_lines)
+        spec["total_updates"] = run.total_updates
         after = [generating[run.dataset_id]] if run.n is None and run.dataset_id in generating else []
         refs[key] = task.remote(spec, refs[run.mu.dir] if run.mu else None, *after)
         if run.n is None and run.dataset_id in missing:
@@ -455,7 +487,8 @@ def report(run: Run, result: dict) -> str:
             else f"last score {fmt(result['last_score'], result['last_return'])}"
         )
         took = f", {result['child_seconds']:.0f} s" if "child_seconds" in result else ""
-        return f"done    {run.name}: {what}{took}" + (" (resumed)" if result.get("resumed") else "")
+        how = " (extended)" if result.get("extended") else " (resumed)" if result.get("resumed") else ""
+        return f"done    {run.name}: {what}{took}{how}"
     if result["status"] == "not run":
         return f"NOT RUN {run.name}: {result['message']}"
     lines = "\n".join(f"    | {line}" for line in result.get("tail", []))

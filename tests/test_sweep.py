@@ -217,7 +217,7 @@ def test_mu_is_pretrained_once_per_dataset_and_loaded_by_every_run(sweep):
 def test_relaunch_resumes_the_killed_run_to_the_weights_it_would_have_had(sweep):
     second = sweep["second"]
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "9 finished, 1 to resume, 0 to start" in second.stdout
+    assert "9 finished, 1 to resume, 0 to extend, 0 to start" in second.stdout
     assert (
         "done    emaq/Walker2d-v5/random_2000-v0 N=4 seed=2: last score" in second.stdout
         and "(resumed)" in second.stdout
@@ -242,7 +242,7 @@ def test_relaunch_resumes_the_killed_run_to_the_weights_it_would_have_had(sweep)
 def test_third_launch_runs_nothing(sweep):
     third = sweep["third"]
     assert third.returncode == 0, third.stdout + third.stderr
-    assert "10 finished, 0 to resume, 0 to start" in third.stdout
+    assert "10 finished, 0 to resume, 0 to extend, 0 to start" in third.stdout
     assert "Ray:" not in third.stdout and "done " not in third.stdout  # no Ray, no run
     assert sweep["after_third"] == sweep["before_third"]  # not a file of any run was touched
 
@@ -467,6 +467,42 @@ def test_grid_axes_and_mu_sharing(capsys):
     assert exit_info.value.code == 2 and "error: --flags may not set --seed" in capsys.readouterr().err
 
 
+def test_a_relaunch_with_more_updates_extends_every_finished_run(tmp_path):
+    """The same sweep with a larger --total-updates: the finished run continues from its end (--resume, its
+    evaluations so far kept) to the new count, mu is not touched, and the results count the new updates."""
+    sweep_dir = str(tmp_path / "sweep")
+    cell = os.path.join(sweep_dir, "runs", GOOD[0].replace("/", "__"), "N2_seed1")
+
+    def launch_with(total, *extra):
+        command = [
+            *(sys.executable, SWEEP, "--sweep-dir", sweep_dir, "--datasets", GOOD[0], "--ns", "2", "--seeds", "1"),
+            *("--num-cpus", "2", "--bootstrap-reps", "100", *extra, "--", *FLAGS),
+            *("--total-updates", str(total), "--eval-every", "10"),
+        ]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400, env=sweep_env())
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    launch_with(20)
+    (run,) = run_folders(cell)
+    before = read_json(run, "summary.json")["history"]
+    mu_files = files_state(os.path.join(sweep_dir, "runs", GOOD[0].replace("/", "__"), "mu"))
+    assert "1 finished, 0 to resume, 1 to extend, 0 to start" in launch_with(40, "--dry-run")
+    out = launch_with(40)
+    assert f"done    {GOOD[0]} N=2 seed=1: last score" in out and "(extended)" in out, out
+    assert run_folders(cell) == [run]  # the same run folder, continued
+    with open(os.path.join(cell, "log.txt")) as f:
+        commands = [line[2:] for line in f.read().split("\n") if line.startswith("$ ")]
+    assert len(commands) == 2 and commands[1].endswith(f"--resume {run} --total-updates 40")
+    history = read_json(run, "summary.json")["history"]
+    assert [h[0] for h in history] == [10, 20, 30, 40] and history[:2] == before
+    assert read_json(run, "checkpoint.json") == {"phase": "done", "step": 40}
+    assert files_state(os.path.join(sweep_dir, "runs", GOOD[0].replace("/", "__"), "mu")) == mu_files
+    with open(os.path.join(sweep_dir, "results.csv")) as f:
+        assert [int(row["updates"]) for row in csv.DictReader(f)] == [40]  # the one cell
+    assert "2 finished, 0 to resume, 0 to extend, 0 to start" in launch_with(40, "--dry-run")
+
+
 # ----- a grid over a flag of MU_ARGS, and Ctrl-C, on one sweep ----------------------------------------------------
 GRID_DATASET = GOOD[0]
 KINDS = ("autoregressive", "vae")
@@ -560,7 +596,7 @@ def test_ctrl_c_stops_the_sweep_with_every_run_checkpointed(grid_sweep, capsys):
             stopped = f"stopped by signal {int(signal.SIGTERM)} at emaq update {meta['step']}: checkpoint written"
             assert stopped in f.read()
     assert load_sweep_module().sweep(dataclasses.replace(grid_sweep["args"], dry_run=True)) == 0
-    assert "4 finished, 2 to resume, 0 to start" in capsys.readouterr().out
+    assert "4 finished, 2 to resume, 0 to extend, 0 to start" in capsys.readouterr().out
 
 
 # ----- results from synthetic run folders: no Ray, no training ------------------------------------------------------
