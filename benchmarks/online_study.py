@@ -44,7 +44,8 @@ NAMES = dict(sac="SAC", emaq="EMaQ")
 
 @dataclass
 class Export:
-    """Write a CSV per finished run (EMaQ's final 50-episode evaluation is run here, from its last checkpoint)."""
+    """Write a CSV per finished run (EMaQ's final 50-episode evaluation is run here, from its last checkpoint); runs
+    still going are named and skipped, so a study exports its finished seeds while others run."""
 
     env_id: str
     """the environment of the runs"""
@@ -80,10 +81,15 @@ def export(args: Export):
     if not runs_below(args.emaq_dir) and not runs_below(args.sac_dir):
         sys.exit(f"error: no TensorBoard runs below {args.emaq_dir} or {args.sac_dir}: pass the runs' folders")
     os.makedirs(args.out, exist_ok=True)
+    written = 0
     for algo, folder in (("emaq", args.emaq_dir), ("sac", args.sac_dir)):
         for run_dir in runs_below(folder):
             env_id, _, seed, _ = os.path.basename(run_dir).split("__")  # <env>__<exp name>__<seed>__<time>
             if env_id != args.env_id:
+                continue
+            end_file = "summary.json" if algo == "emaq" else "final_evaluation.json"  # written when a run ends
+            if not os.path.exists(os.path.join(run_dir, end_file)):
+                print(f"note: {run_dir} has not finished (no {end_file}): skipped, export again once it has")
                 continue
             columns = [scalars(run_dir, tag)[0] if tag else {} for tag in TAGS[algo]]
             last_step = max(columns[1], default=0)
@@ -99,17 +105,15 @@ def export(args: Export):
                 writer.writeheader()
                 writer.writerows({"step": step, **rows[step]} for step in sorted(rows))
             print(f"{path}: {len(rows)} rows, last evaluation at step {last_step}, final evaluation {final:.1f}")
+            written += 1
+    if not written:
+        sys.exit(f"error: no finished {args.env_id} run below {args.emaq_dir} or {args.sac_dir}: nothing exported")
 
 
 def final_evaluation(algo: str, run_dir: str, episodes: int) -> float:
     """SAC: the mean of final_evaluation.json (written by cleanrl_sac.py); EMaQ: its test-time policy at the run's N."""
     if algo == "sac":
-        path = os.path.join(run_dir, "final_evaluation.json")
-        if not os.path.exists(path):
-            sys.exit(
-                f"error: {path} is missing: the run did not finish (benchmarks/cleanrl_sac.py writes it at the end)"
-            )
-        with open(path) as f:
+        with open(os.path.join(run_dir, "final_evaluation.json")) as f:
             return float(np.mean(json.load(f)["returns"]))
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import evaluate_online_run

@@ -185,11 +185,17 @@ def test_an_environment_with_one_algorithms_runs_only_still_gets_its_table_and_p
     assert (folder / "curves.png").stat().st_size > 0
 
 
-def test_export_without_runs_or_with_an_unfinished_sac_run_ends_with_one_error_line(tmp_path):
+def test_export_without_runs_or_with_only_unfinished_runs_ends_with_one_error_line(tmp_path):
+    """Unfinished runs (SAC without final_evaluation.json, EMaQ without summary.json) are named and skipped; with
+    nothing finished, one error line."""
     command = ("benchmarks/online_study.py", "export", "--env-id", "Hopper-v5", "--out", str(tmp_path / "out"))
     empty = run_script(*command, "--emaq-dir", str(tmp_path / "a"), "--sac-dir", str(tmp_path / "b"))
     write_events(tmp_path / "sac" / "Hopper-v5__sac_continuous_action__1__9", {"eval/episodic_return": {5000: 1.0}})
-    unfinished = run_script(*command, "--emaq-dir", str(tmp_path / "a"), "--sac-dir", str(tmp_path / "sac"))
-    for result, words in ((empty, "no TensorBoard runs"), (unfinished, "final_evaluation.json is missing")):
+    write_events(tmp_path / "emaq" / "Hopper-v5__emaq_online__1__9", {"eval/episodic_return": {5000: 2.0}})
+    unfinished = run_script(*command, "--emaq-dir", str(tmp_path / "emaq"), "--sac-dir", str(tmp_path / "sac"))
+    for result, words in ((empty, "no TensorBoard runs"), (unfinished, "no finished Hopper-v5 run")):
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("error:") and words in result.stderr
+    for end_file, algo in (("final_evaluation.json", "sac"), ("summary.json", "emaq")):
+        assert f"__1__9 has not finished (no {end_file}): skipped" in unfinished.stdout, algo
+    assert not os.listdir(tmp_path / "out")  # no CSV of an unfinished run
