@@ -193,19 +193,13 @@ def plan(args: Args) -> list:
 
 
 @functools.cache
-def requested_updates_of(argv: tuple) -> int:
+def requested_updates(argv: tuple) -> int:
+    """--total-updates of a run with these flags, as emaq_offline.py resolves them (its preset's count if not given)."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     import emaq_offline
 
     return emaq_offline.cli(list(argv)).total_updates
-
-
-def requested_updates(argv: list) -> int:
-    """--total-updates of a run with these flags, as emaq_offline.py resolves them (its preset's count if not given);
-    the same for every seed and N."""
-    skip = {"--seed", "--num-samples"}
-    return requested_updates_of(tuple(a for i, a in enumerate(argv) if a not in skip and argv[i - 1] not in skip))
 
 
 def grid_name(combo) -> str:
@@ -224,8 +218,10 @@ def run_state(cell_dir: str, total_updates: int = 0):
     folders = [d for d in folders if os.path.isfile(os.path.join(d, "config.json"))]
     for d in folders:
         if os.path.isfile(os.path.join(d, "summary.json")):
-            meta = os.path.join(d, "checkpoint.json")  # its last checkpoint: the end, or where an extension stopped
-            done = json.load(open(meta))["step"] if os.path.isfile(meta) else total_updates
+            done = total_updates  # its last checkpoint's count: the end, or where an extension stopped
+            if os.path.isfile(os.path.join(d, "checkpoint.json")):
+                with open(os.path.join(d, "checkpoint.json")) as f:
+                    done = json.load(f)["step"]
             return ("to extend" if done < total_updates else "finished"), d
     resumable = [d for d in folders if os.path.isfile(os.path.join(d, "checkpoint.json"))]
     return ("interrupted", max(resumable, key=os.path.getmtime)) if resumable else ("new", None)
@@ -332,7 +328,7 @@ def log_tail(path: str, lines: int) -> list:
 def sweep(args: Args) -> int:
     runs = plan(args)
     for run in runs:  # what each EMaQ run's flags ask for, as emaq_offline.py reads them (a bad flag stops here)
-        run.total_updates = requested_updates(run.argv) if run.n is not None else 0
+        run.total_updates = requested_updates(tuple(run.argv)) if run.n is not None else 0
     states = {id(run): run_state(run.dir, run.total_updates) for run in runs}
     todo = [run for run in runs if states[id(run)][0] != "finished"]
     resume, extend = (sum(states[id(run)][0] == state for run in runs) for state in ("interrupted", "to extend"))
